@@ -1,0 +1,341 @@
+# --------------------------------------------------------
+# RETFound for MindSpore: the Vision Transformer and its model factories.
+# Derived from: rmaphoh/RETFound models_vit.py (a subclass of timm 0.9.x
+# VisionTransformer) and timm 0.9.16 vision_transformer.py (Block, Attention,
+# Mlp, LayerScale, the DINOv2 configurations). Written anew for MindSpore.
+#
+# Parameter names equal the PyTorch state-dict keys (``blocks.3.attn.qkv.weight``,
+# ``blocks.3.norm1.weight``, ``patch_embed.proj.weight``): the LayerNorm below keeps
+# torch's ``weight``/``bias`` names, so converting a checkpoint is a plain key copy.
+# Every MindSpore default that differs from torch is spelled out at the call site.
+# --------------------------------------------------------
+import math
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops, Parameter, Tensor
+from mindspore.common.initializer import initializer, TruncatedNormal, Normal, Uniform, Zero, One
+
+__all__ = [
+    'VisionTransformer', 'RETFound_mae', 'RETFound_dinov2', 'Dinov2',
+    'vit_base_patch16', 'vit_large_patch16', 'vit_huge_patch14', 'MODEL_NAMES',
+]
+
+
+class LayerNorm(nn.Cell):
+    """LayerNorm over the last axis with torch's parameter names (weight, bias).
+
+    mindspore.nn.LayerNorm names its parameters gamma/beta and defaults to eps=1e-7;
+    RETFound uses eps=1e-6 (partial(nn.LayerNorm, eps=1e-6) in the original).
+    """
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = Parameter(initializer(One(), (dim,), ms.float32), name='weight')
+        self.bias = Parameter(initializer(Zero(), (dim,), ms.float32), name='bias')
+        self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+
+    def construct(self, x):
+        y, _, _ = self.layer_norm(x, self.weight, self.bias)
+        return y
+
+
+def _dense(in_features, out_features, has_bias=True):
+    # timm init_weights_vit_timm: trunc_normal_(std=.02) on Linear weights, zeros on biases.
+    return nn.Dense(in_features, out_features, has_bias=has_bias,
+                    weight_init=TruncatedNormal(sigma=0.02), bias_init=Zero())
+
+
+class PatchProj(nn.Cell):
+    """The stride-p, kernel-p convolution of timm's PatchEmbed, as one matmul.
+
+    Holds torch's Conv2d parameters unchanged (weight (D, C, p, p), bias (D,)).
+    nn.Conv2d on CPU is ~60x slower for this shape (STYLE.md), and the patch
+    reshape + matmul is the same arithmetic.
+    """
+
+    def __init__(self, in_chans, embed_dim, patch_size):
+        super().__init__()
+        fan_in = in_chans * patch_size * patch_size
+        bound = 1.0 / math.sqrt(fan_in)  # torch Conv2d default init: U(-1/sqrt(fan_in), +)
+        self.weight = Parameter(initializer(Uniform(scale=bound), (embed_dim, in_chans, patch_size, patch_size),
+                                            ms.float32), name='weight')
+        self.bias = Parameter(initializer(Uniform(scale=bound), (embed_dim,), ms.float32), name='bias')
+        self.embed_dim = embed_dim
+        self.fan_in = fan_in
+
+    def construct(self, patches):
+        # patches: (B, N, C*p*p) in (C, p, p) order, like the flattened conv kernel
+        w = self.weight.reshape(self.embed_dim, self.fan_in)
+        return ops.matmul(patches, w.T) + self.bias
+
+
+class PatchEmbed(nn.Cell):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768):
+        super().__init__()
+        self.img_size = (img_size, img_size)
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.in_chans = in_chans
+        self.proj = PatchProj(in_chans, embed_dim, patch_size)
+
+    def construct(self, x):
+        b = x.shape[0]
+        p = self.patch_size[0]
+        gh, gw = self.grid_size
+        # timm crops nothing: the image must be exactly img_size (strict_img_size=True).
+        x = x.reshape(b, self.in_chans, gh, p, gw, p)
+        x = x.transpose(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, self.in_chans * p * p)
+        return self.proj(x)  # (B, N, D), as timm's flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Cell):
+    def __init__(self, dim, num_heads=8, qkv_bias=False, attn_drop=0., proj_drop=0.):
+        super().__init__()
+        assert dim % num_heads == 0, 'dim should be divisible by num_heads'
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = _dense(dim, dim * 3, has_bias=qkv_bias)
+        self.attn_drop = nn.Dropout(p=attn_drop) if attn_drop > 0 else nn.Identity()
+        self.proj = _dense(dim, dim)
+        self.proj_drop = nn.Dropout(p=proj_drop) if proj_drop > 0 else nn.Identity()
+        self.softmax = nn.Softmax(axis=-1)
+        self.q_matmul_k = ops.BatchMatMul(transpose_b=True)
+        self.attn_matmul_v = ops.BatchMatMul()
+
+    def construct(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = self.q_matmul_k(q * self.scale, k)
+        attn = self.attn_drop(self.softmax(attn))
+        x = self.attn_matmul_v(attn, v)
+        x = x.transpose(0, 2, 1, 3).reshape(b, n, c)
+        return self.proj_drop(self.proj(x))
+
+
+class LayerScale(nn.Cell):
+    """timm LayerScale (DINOv2): x * gamma, gamma initialised to init_values."""
+
+    def __init__(self, dim, init_values=1e-5):
+        super().__init__()
+        self.gamma = Parameter(Tensor(np.full((dim,), init_values, dtype=np.float32)), name='gamma')
+
+    def construct(self, x):
+        return x * self.gamma
+
+
+class DropPath(nn.Cell):
+    """Stochastic depth per sample (timm drop_path with scale_by_keep=True)."""
+
+    def __init__(self, drop_prob=0.):
+        super().__init__()
+        self.keep_prob = 1.0 - drop_prob
+        self.uniform = ops.UniformReal()
+
+    def construct(self, x):
+        if not self.training:
+            return x
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = ops.floor(self.keep_prob + self.uniform(shape))
+        return x / self.keep_prob * mask
+
+
+class Mlp(nn.Cell):
+    def __init__(self, in_features, hidden_features, drop=0.):
+        super().__init__()
+        self.fc1 = _dense(in_features, hidden_features)
+        self.act = nn.GELU(approximate=False)  # torch nn.GELU is the exact erf form
+        self.drop1 = nn.Dropout(p=drop) if drop > 0 else nn.Identity()
+        self.fc2 = _dense(hidden_features, in_features)
+        self.drop2 = nn.Dropout(p=drop) if drop > 0 else nn.Identity()
+
+    def construct(self, x):
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class SwiGLUPacked(nn.Cell):
+    """timm GluMlp(act_layer=SiLU, gate_last=False) as used by vit_giant_patch14_dinov2.
+
+    fc1 holds DINOv2's packed ``w12`` (both halves), fc2 its ``w3``.
+    """
+
+    def __init__(self, in_features, hidden_features, drop=0.):
+        super().__init__()
+        assert hidden_features % 2 == 0
+        self.fc1 = _dense(in_features, hidden_features)
+        self.act = nn.SiLU()
+        self.drop1 = nn.Dropout(p=drop) if drop > 0 else nn.Identity()
+        self.fc2 = _dense(hidden_features // 2, in_features)
+        self.drop2 = nn.Dropout(p=drop) if drop > 0 else nn.Identity()
+        self.half = hidden_features // 2
+
+    def construct(self, x):
+        x = self.fc1(x)
+        x1 = x[..., :self.half]
+        x2 = x[..., self.half:]
+        x = self.act(x1) * x2
+        return self.drop2(self.fc2(self.drop1(x)))
+
+
+class Block(nn.Cell):
+    def __init__(self, dim, num_heads, mlp_ratio=4., qkv_bias=False, attn_drop=0., proj_drop=0.,
+                 drop_path=0., init_values=None, mlp_layer='mlp', norm_eps=1e-6):
+        super().__init__()
+        self.norm1 = LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                              proj_drop=proj_drop)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = LayerNorm(dim, eps=norm_eps)
+        hidden = int(dim * mlp_ratio)
+        if mlp_layer == 'swiglu_packed':
+            self.mlp = SwiGLUPacked(dim, hidden, drop=proj_drop)
+        else:
+            self.mlp = Mlp(dim, hidden, drop=proj_drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def construct(self, x):
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+class VisionTransformer(nn.Cell):
+    """ViT as the original computes it under timm 0.9.x.
+
+    global_pool=True: mean of the patch tokens -> fc_norm (no final ``norm``).
+    global_pool=False: final ``norm`` -> class token (also timm's DINOv2 'token' pooling).
+
+    fc_norm_twice (default True, global_pool only):
+    # PARITY: fc_norm is applied twice (models_vit.py VisionTransformer.forward_features
+    # returns fc_norm(mean), then timm 0.9's forward_head applies self.fc_norm again
+    # because RETFound set self.global_pool=True). Pass fc_norm_twice=False for the
+    # single-norm function of the MAE/timm-0.3 era.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
+                 depth=12, num_heads=12, mlp_ratio=4., qkv_bias=True, drop_rate=0., attn_drop_rate=0.,
+                 proj_drop_rate=0., drop_path_rate=0., init_values=None, global_pool=False,
+                 fc_norm_twice=True, mlp_layer='mlp', norm_eps=1e-6):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed_dim = self.num_features = embed_dim
+        self.global_pool = bool(global_pool)
+        self.fc_norm_twice = bool(fc_norm_twice) and self.global_pool
+        self.num_prefix_tokens = 1
+        self.depth = depth
+
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                      embed_dim=embed_dim)
+        num_patches = self.patch_embed.num_patches
+        # timm init: cls_token ~ N(0, 1e-6), pos_embed ~ trunc_normal(.02)
+        self.cls_token = Parameter(initializer(Normal(sigma=1e-6), (1, 1, embed_dim), ms.float32),
+                                   name='cls_token')
+        self.pos_embed = Parameter(initializer(TruncatedNormal(sigma=0.02), (1, num_patches + 1, embed_dim),
+                                               ms.float32), name='pos_embed')
+        self.pos_drop = nn.Dropout(p=drop_rate) if drop_rate > 0 else nn.Identity()
+
+        dpr = [float(v) for v in np.linspace(0, drop_path_rate, depth)]  # stochastic depth decay rule
+        self.blocks = nn.CellList([
+            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, attn_drop=attn_drop_rate,
+                  proj_drop=proj_drop_rate, drop_path=dpr[i], init_values=init_values, mlp_layer=mlp_layer,
+                  norm_eps=norm_eps)
+            for i in range(depth)])
+
+        if self.global_pool:
+            self.fc_norm = LayerNorm(embed_dim, eps=norm_eps)  # the original deletes self.norm here
+        else:
+            self.norm = LayerNorm(embed_dim, eps=norm_eps)
+        self.head_drop = nn.Dropout(p=drop_rate) if drop_rate > 0 else nn.Identity()
+        self.head = _dense(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def no_weight_decay(self):
+        return {'pos_embed', 'cls_token', 'dist_token'}
+
+    def forward_features(self, x):
+        """The original's forward_features: pooled, normalised features (B, D)."""
+        b = x.shape[0]
+        x = self.patch_embed(x)
+        cls_tokens = ops.broadcast_to(self.cls_token, (b, 1, self.embed_dim))
+        x = ops.concat((cls_tokens, x), axis=1)
+        x = self.pos_drop(x + self.pos_embed)
+        for blk in self.blocks:
+            x = blk(x)
+        if self.global_pool:
+            x = x[:, 1:, :].mean(axis=1)
+            return self.fc_norm(x)
+        x = self.norm(x)
+        return x[:, 0]
+
+    def forward_head(self, x):
+        if self.fc_norm_twice:
+            x = self.fc_norm(x)  # PARITY: see the class docstring
+        return self.head(self.head_drop(x))
+
+    def construct(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+# ---------------------------------------------------------------------------
+# Factories: same names and keyword arguments as the original models_vit.py.
+# ---------------------------------------------------------------------------
+_VIT_COMMON = dict(mlp_ratio=4, qkv_bias=True, norm_eps=1e-6)
+
+
+def RETFound_mae(**kwargs):
+    """ViT-L/16 (embed 1024, depth 24, 16 heads), RETFound MAE weights."""
+    return VisionTransformer(patch_size=16, embed_dim=1024, depth=24, num_heads=16, **_VIT_COMMON, **kwargs)
+
+
+def vit_base_patch16(**kwargs):
+    return VisionTransformer(patch_size=16, embed_dim=768, depth=12, num_heads=12, **_VIT_COMMON, **kwargs)
+
+
+def vit_large_patch16(**kwargs):
+    return VisionTransformer(patch_size=16, embed_dim=1024, depth=24, num_heads=16, **_VIT_COMMON, **kwargs)
+
+
+def vit_huge_patch14(**kwargs):
+    return VisionTransformer(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_VIT_COMMON, **kwargs)
+
+
+# timm 0.9.16 vit_*_patch14_dinov2 configurations (init_values=1e-5 -> LayerScale).
+DINOV2_ARCHS = {
+    'dinov2_vits14': dict(patch_size=14, embed_dim=384, depth=12, num_heads=6),
+    'dinov2_vitb14': dict(patch_size=14, embed_dim=768, depth=12, num_heads=12),
+    'dinov2_vitl14': dict(patch_size=14, embed_dim=1024, depth=24, num_heads=16),
+    'dinov2_vitg14': dict(patch_size=14, embed_dim=1536, depth=40, num_heads=24,
+                          mlp_ratio=2.66667 * 2, mlp_layer='swiglu_packed'),
+}
+
+
+def _dinov2(arch, kwargs):
+    # The original calls timm.create_model(..., img_size=224, **kwargs): the image size is fixed
+    # at 224 and timm's 'token' pooling applies (norm -> class token); --global_pool is not used.
+    kwargs = dict(kwargs)
+    kwargs.pop('global_pool', None)
+    kwargs.pop('img_size', None)
+    cfg = dict(mlp_ratio=4, qkv_bias=True, norm_eps=1e-6, init_values=1e-5)
+    cfg.update(DINOV2_ARCHS[arch])
+    return VisionTransformer(img_size=224, global_pool=False, **cfg, **kwargs)
+
+
+def RETFound_dinov2(args=None, **kwargs):
+    """ViT-L/14 at 224 with LayerScale, as timm's vit_large_patch14_dinov2."""
+    return _dinov2('dinov2_vitl14', kwargs)
+
+
+def Dinov2(args=None, model_arch=None, **kwargs):
+    """DINOv2 backbones chosen by --model_arch (dinov2_vits14/vitb14/vitl14/vitg14)."""
+    arch = model_arch if model_arch is not None else getattr(args, 'model_arch', None)
+    if arch not in DINOV2_ARCHS:
+        raise ValueError(f"Unknown model_arch '{arch}'. Expected one of: {', '.join(DINOV2_ARCHS)}")
+    return _dinov2(arch, kwargs)
+
+
+MODEL_NAMES = ['RETFound_mae', 'RETFound_dinov2', 'Dinov2',
+               'vit_base_patch16', 'vit_large_patch16', 'vit_huge_patch14']

@@ -1,0 +1,1 @@
+"""MindSpore utilities for RETFound (mirrors the original's util/ package)."""
