@@ -18,7 +18,8 @@ from mindspore.common.initializer import initializer, Uniform, Zero, One
 
 __all__ = [
     'VisionTransformer', 'RETFound_mae', 'RETFound_dinov2', 'Dinov2',
-    'vit_base_patch16', 'vit_large_patch16', 'vit_huge_patch14', 'MODEL_NAMES',
+    'vit_base_patch16', 'vit_large_patch16', 'vit_huge_patch14', 'vit_tiny_patch16', 'vit_small_patch16',
+    'MODEL_NAMES',
 ]
 
 
@@ -304,6 +305,16 @@ def RETFound_mae(**kwargs):
     return VisionTransformer(patch_size=16, embed_dim=1024, depth=24, num_heads=16, **_VIT_COMMON, **kwargs)
 
 
+def vit_tiny_patch16(**kwargs):
+    """MindSpore addition (timm's ViT-Ti/16 shape) for demos and smoke tests on CPU."""
+    return VisionTransformer(patch_size=16, embed_dim=192, depth=12, num_heads=3, **_VIT_COMMON, **kwargs)
+
+
+def vit_small_patch16(**kwargs):
+    """MindSpore addition (timm's ViT-S/16 shape)."""
+    return VisionTransformer(patch_size=16, embed_dim=384, depth=12, num_heads=6, **_VIT_COMMON, **kwargs)
+
+
 def vit_base_patch16(**kwargs):
     return VisionTransformer(patch_size=16, embed_dim=768, depth=12, num_heads=12, **_VIT_COMMON, **kwargs)
 
@@ -352,4 +363,5 @@ def Dinov2(args=None, model_arch=None, **kwargs):
 
 
 MODEL_NAMES = ['RETFound_mae', 'RETFound_dinov2', 'Dinov2',
-               'vit_base_patch16', 'vit_large_patch16', 'vit_huge_patch14']
+               'vit_base_patch16', 'vit_large_patch16', 'vit_huge_patch14',
+               'vit_tiny_patch16', 'vit_small_patch16']
