@@ -1,0 +1,358 @@
+# Derived from: rmaphoh/RETFound util/datasets.py (build_dataset, _stratified_indices) and
+# main_finetune.py (DistributedSampler/DataLoader wiring), torchvision datasets/folder.py (ImageFolder
+# semantics) and torch's CPU randperm / DistributedSampler behaviour; written anew (numpy, PIL,
+# mindspore.dataset; no torch).
+"""ImageFolder dataset, torch-identical subsampling, layout/image checks and the MindSpore loader."""
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image
+
+from .transforms import build_transform
+
+# torchvision.datasets.folder.IMG_EXTENSIONS, matched case-insensitively like torchvision.
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+
+
+class DatasetError(ValueError):
+    """A data layout or image problem the user must fix before training."""
+
+
+def pil_loader(path):
+    """torchvision's pil_loader: open, then ``.convert('RGB')`` (no EXIF orientation applied)."""
+    with open(path, 'rb') as f:
+        img = Image.open(f)
+        return img.convert('RGB')
+
+
+def is_image_file(name):
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def find_classes(root):
+    """Sorted class folders (Python ``sorted``, like torchvision); hidden folders are skipped."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
+
+
+def make_samples(root, class_to_idx):
+    """(path, label) in torchvision order: class by class, ``sorted(os.walk(...))``, sorted names.
+
+    Unlike torchvision, hidden files/folders (``.DS_Store``, ``._x.jpg``, ``.ipynb_checkpoints``)
+    are skipped."""
+    samples = []
+    for cls in sorted(class_to_idx, key=class_to_idx.get):
+        walked = []
+        for dirpath, dirnames, fnames in os.walk(os.path.join(root, cls), followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith('.')]
+            walked.append((dirpath, dirnames, fnames))
+        for dirpath, _, fnames in sorted(walked):
+            for fname in sorted(fnames):
+                if not fname.startswith('.') and is_image_file(fname):
+                    samples.append((os.path.join(dirpath, fname), class_to_idx[cls]))
+    return samples
+
+
+class ImageFolder:
+    """torchvision.datasets.ImageFolder look-alike. ``transform(img, rng)`` receives a generator
+    (ignored by the eval transform); ``__getitem__(i)`` uses ``rng=None`` -> a fresh default_rng(i)."""
+
+    def __init__(self, root, transform=None, classes=None):
+        self.root = root
+        self.classes = list(classes) if classes is not None else find_classes(root)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.samples = make_samples(root, self.class_to_idx)
+        self.transform = transform
+        self.indices = None  # set by subsample(): positions in the full folder listing
+
+    @property
+    def targets(self):
+        return [s[1] for s in self.samples]
+
+    @property
+    def imgs(self):
+        return self.samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, i, rng=None):
+        path, label = self.samples[i]
+        img = pil_loader(path)
+        if self.transform is not None:
+            img = self.transform(img, rng if rng is not None else np.random.default_rng(i))
+        return img, label
+
+    def __getitem__(self, i):
+        return self.load(i)
+
+    def subsample(self, indices):
+        """Keep ``samples[indices]`` in the given order (torch Subset semantics)."""
+        self.samples = [self.samples[i] for i in indices]
+        self.indices = list(indices)
+        return self
+
+
+# ---------------------------------------------------------------- torch-identical randperm
+class TorchCPUGenerator:
+    """Reproduces ``torch.Generator().manual_seed(seed)`` + ``torch.randperm(n, generator=g)`` on CPU.
+
+    torch seeds its mt19937 with ``seed & 0xffffffff`` (standard init_genrand, like numpy's legacy
+    RandomState) and, for n < 2**32 / 20, shuffles ``arange(n)`` with ``z = next_uint32() % (n - i)``,
+    swapping positions i and i + z for i = 0 .. n-2.
+    """
+
+    def __init__(self, seed):
+        self._rs = np.random.RandomState(int(seed) & 0xFFFFFFFF)
+
+    def randperm(self, n):
+        n = int(n)
+        if n >= (2 ** 32 - 1) // 20:
+            raise NotImplementedError('randperm for n >= 2**32/20 uses a different torch algorithm')
+        perm = list(range(n))
+        if n < 2:
+            return perm
+        draws = self._rs.randint(0, 2 ** 32, size=n - 1, dtype=np.uint32).tolist()
+        for i, r in enumerate(draws):
+            j = i + r % (n - i)
+            perm[i], perm[j] = perm[j], perm[i]
+        return perm
+
+
+def torch_randperm(n, seed):
+    return TorchCPUGenerator(seed).randperm(n)
+
+
+def stratified_indices(targets, ratio, seed):
+    """The original's _stratified_indices, same generator stream, same result."""
+    targets = np.asarray(targets)
+    g = TorchCPUGenerator(seed)
+    keep = []
+    for c in np.unique(targets).tolist():
+        cls_idx = np.nonzero(targets == c)[0]
+        k = max(1, int(round(len(cls_idx) * ratio)))
+        perm = g.randperm(len(cls_idx))
+        keep.extend(cls_idx[perm[:k]].tolist())
+    g2 = TorchCPUGenerator(seed + 1)
+    return [keep[i] for i in g2.randperm(len(keep))]
+
+
+def subsample_indices(targets, ratio, seed, stratified=False):
+    """Indices the original build_dataset keeps for ``--dataratio``/``--stratified`` (None = all)."""
+    ratio = float(ratio)
+    if not 0.0 < ratio < 1.0:
+        return None
+    if stratified:
+        return stratified_indices(targets, ratio, seed)
+    n = len(targets)
+    return torch_randperm(n, seed)[:max(1, int(n * ratio))]
+
+
+def build_dataset(is_train, args):
+    """``is_train`` is the split name ('train', 'val', 'test'), as in the original."""
+    transform = build_transform(is_train, args)
+    root = os.path.join(args.data_path, is_train)
+    classes = None
+    train_root = os.path.join(args.data_path, 'train')
+    if is_train != 'train' and os.path.isdir(train_root):
+        classes = find_classes(train_root)  # val/test reuse train's class indices
+    dataset = ImageFolder(root, transform=transform, classes=classes)
+    if is_train == 'train':
+        idx = subsample_indices(dataset.targets, getattr(args, 'dataratio', 1.0),
+                                int(getattr(args, 'seed', 0)), bool(getattr(args, 'stratified', False)))
+        if idx is not None:
+            dataset.subsample(idx)
+    return dataset
+
+
+# ---------------------------------------------------------------- pre-flight checks
+def _names(xs):
+    return '[' + ', '.join(xs) + ']'
+
+
+def check_data_layout(data_path, nb_classes=None, need=('train', 'val', 'test')):
+    """Raise DatasetError with an actionable message if the split folders are unusable.
+
+    Returns the class list (from the first split in ``need``)."""
+    if not os.path.isdir(data_path):
+        raise DatasetError(f"--data_path {data_path!r} is not a directory; it must contain "
+                           f"{', '.join(s + '/' for s in need)} with one sub-folder per class")
+    missing = [s for s in need if not os.path.isdir(os.path.join(data_path, s))]
+    if missing:
+        raise DatasetError(f"{data_path} has no {', '.join(s + '/' for s in missing)} folder(s); "
+                           f"expected {', '.join(s + '/' for s in need)} each with one sub-folder per class")
+    ref_split, ref = None, None
+    for split in need:
+        root = os.path.join(data_path, split)
+        classes = find_classes(root)
+        if not classes:
+            raise DatasetError(f"{root} has no class folders; put each class's images in {root}/<class>/")
+        if ref is None:
+            ref_split, ref = split, classes
+        elif classes != ref:
+            extra, lacking = sorted(set(classes) - set(ref)), sorted(set(ref) - set(classes))
+            hint = []
+            if lacking:
+                hint.append(f"missing {_names(lacking)}")
+            if extra:
+                hint.append(f"extra {_names(extra)}")
+            raise DatasetError(f"{split}/ has classes {_names(classes)} but {ref_split}/ has "
+                               f"{_names(ref)} ({'; '.join(hint)}); every split needs the same class folders")
+        samples = make_samples(root, {c: i for i, c in enumerate(classes)})
+        counts = np.bincount([s[1] for s in samples], minlength=len(classes))
+        empty = [c for c, k in zip(classes, counts) if k == 0]
+        if empty:
+            raise DatasetError(f"{split}/ class folder(s) {_names(empty)} contain no images with extensions "
+                               f"{', '.join(IMG_EXTENSIONS)}; add images or remove the folder(s) from every split")
+    if nb_classes is not None and int(nb_classes) != len(ref):
+        raise DatasetError(f"--nb_classes {nb_classes} but {data_path} has {len(ref)} class folders "
+                           f"{_names(ref)}; pass --nb_classes {len(ref)}")
+    return ref
+
+
+def _has_jpeg_end(path):
+    with open(path, 'rb') as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 4096))
+        return b'\xff\xd9' in f.read()
+
+
+def check_image(path):
+    """None if ``path`` decodes, else a short reason. Header + verify(); full decode only when the
+    cheap checks cannot vouch for the data (JPEG without end marker, formats verify() ignores)."""
+    try:
+        if os.path.getsize(path) == 0:
+            return 'zero-byte file'
+        with Image.open(path) as img:
+            fmt = img.format
+            img.verify()  # PNG: walks every chunk and checks CRCs
+        if fmt == 'PNG' or (fmt == 'JPEG' and _has_jpeg_end(path)):
+            return None
+        with Image.open(path) as img:
+            img.load()
+        return None
+    except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
+        return f'{type(e).__name__}: {e}'
+
+
+def scan_images(datasets, skip_bad=False, num_threads=None):
+    """Open and check every image of ``datasets`` (one dataset or a list).
+
+    Default: raise DatasetError listing ALL bad files. ``skip_bad=True``: drop them from each
+    dataset's ``samples`` and return the number dropped."""
+    if isinstance(datasets, ImageFolder):
+        datasets = [datasets]
+    paths = sorted({p for ds in datasets for p, _ in ds.samples})
+    workers = num_threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        reasons = dict(zip(paths, ex.map(check_image, paths)))
+    bad = {p: r for p, r in reasons.items() if r is not None}
+    if not bad:
+        return 0
+    if not skip_bad:
+        lines = '\n'.join(f'  {p}: {r}' for p, r in sorted(bad.items()))
+        raise DatasetError(f"{len(bad)} unreadable image file(s):\n{lines}\n"
+                           f"Remove or fix them, or pass --skip_bad_images to drop them.")
+    dropped = 0
+    for ds in datasets:
+        keep = [k for k, (p, _) in enumerate(ds.samples) if p not in bad]
+        dropped += len(ds.samples) - len(keep)
+        ds.samples = [ds.samples[k] for k in keep]
+        if ds.indices is not None:
+            ds.indices = [ds.indices[k] for k in keep]
+    return dropped
+
+
+# ---------------------------------------------------------------- loader
+def sample_rng(seed, epoch, rank, index):
+    """The augmentation generator of one sample: independent of worker count and batch layout."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(rank), int(index)])
+
+
+def shard_indices(n, shuffle, seed, epoch, num_shards=1, shard_id=0):
+    """torch DistributedSampler: permute (randperm with seed + epoch, same on every rank), pad by
+    repeating the head up to a multiple of num_shards, then take every num_shards-th from shard_id."""
+    indices = torch_randperm(n, seed + epoch) if shuffle else list(range(n))
+    if num_shards > 1:
+        total = int(math.ceil(n / num_shards)) * num_shards
+        pad = total - n
+        if pad:
+            indices += (indices * int(math.ceil(pad / max(1, n))))[:pad]
+        indices = indices[shard_id:total:num_shards]
+    return indices
+
+
+class _EpochSource:
+    """Random-access source for GeneratorDataset: position -> (CHW float32, 0-d int32)."""
+
+    def __init__(self, dataset, indices, seed, epoch, rank):
+        self.dataset, self.indices = dataset, indices
+        self.seed, self.epoch, self.rank = seed, epoch, rank
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, pos):
+        i = self.indices[pos]
+        img, label = self.dataset.load(i, sample_rng(self.seed, self.epoch, self.rank, i))
+        return np.asarray(img, dtype=np.float32), np.array(label, dtype=np.int32)
+
+
+class Loader:
+    """Iterates ``(images float32 (B,3,H,W), labels int32 (B,))`` numpy batches for one epoch.
+
+    Call ``set_epoch(e)`` before each epoch (as DistributedSampler.set_epoch) for a new shuffle
+    and new augmentations; the order depends only on (shuffle_seed, epoch), never on the rank."""
+
+    def __init__(self, dataset, batch_size, shuffle, drop_last, num_workers, seed=0,
+                 num_shards=None, shard_id=None, shuffle_seed=None):
+        self.dataset, self.batch_size = dataset, int(batch_size)
+        self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
+        self.num_workers = max(1, min(int(num_workers or 1), os.cpu_count() or 1))
+        self.seed = int(seed)
+        self.shuffle_seed = self.seed if shuffle_seed is None else int(shuffle_seed)
+        self.num_shards = int(num_shards or 1)
+        self.shard_id = int(shard_id or 0)
+        if not 0 <= self.shard_id < self.num_shards:
+            raise ValueError(f'shard_id {shard_id} not in [0, {self.num_shards})')
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def indices(self):
+        return shard_indices(len(self.dataset), self.shuffle, self.shuffle_seed, self.epoch,
+                             self.num_shards, self.shard_id)
+
+    def num_samples(self):
+        n = len(self.dataset)
+        return n if self.num_shards == 1 else int(math.ceil(n / self.num_shards))
+
+    def __len__(self):
+        n = self.num_samples()
+        return n // self.batch_size if self.drop_last else int(math.ceil(n / self.batch_size))
+
+    def __iter__(self):
+        import mindspore.dataset as mds
+
+        source = _EpochSource(self.dataset, self.indices(), self.seed, self.epoch, self.shard_id)
+        if len(source) == 0 or len(self) == 0:
+            return iter(())
+        ds = mds.GeneratorDataset(source, column_names=['image', 'label'], shuffle=False,
+                                  num_parallel_workers=self.num_workers,
+                                  python_multiprocessing=self.num_workers > 1)
+        ds = ds.batch(self.batch_size, drop_remainder=self.drop_last)
+        return (tuple(b) for b in ds.create_tuple_iterator(output_numpy=True, num_epochs=1))
+
+
+def create_loader(dataset, batch_size, shuffle, drop_last, num_workers, seed=0,
+                  num_shards=None, shard_id=None, shuffle_seed=None):
+    """Train: shuffle=True, drop_last=True. Eval: shuffle=False, drop_last=False.
+
+    ``seed`` drives the augmentations (sample_rng) and, unless ``shuffle_seed`` is given, the
+    shuffle. PARITY: the original's DistributedSampler is built without a seed, i.e. its shuffle
+    always uses seed 0 (main_finetune.py:main); pass shuffle_seed=0 to get its exact order."""
+    return Loader(dataset, batch_size, shuffle, drop_last, num_workers, seed, num_shards, shard_id,
+                  shuffle_seed)
