@@ -240,8 +240,11 @@ def evaluate(data_loader, model, device, args, epoch, mode, num_class, log_write
     task_dir = os.path.join(args.output_dir, args.task)
     os.makedirs(task_dir, exist_ok=True)
     true_labels, pred_softmax, metric_logger = predict(model, data_loader, args.batch_size, f'{mode}:')
+    # --dist_eval: every rank predicted its shard; gather them back in dataset order, padding dropped
+    # (the original computes each rank's metrics on its own shard only)
+    dataset = getattr(data_loader, 'dataset', None)
     true_labels, pred_softmax = misc.gather_predictions(true_labels, pred_softmax,
-                                                        getattr(data_loader, 'num_samples', None))
+                                                        len(dataset) if dataset is not None else None)
     m = compute_metrics(true_labels, pred_softmax, num_class)
     score = m['score']
     if log_writer:

@@ -129,6 +129,10 @@ def get_args_parser():
     return parser
 
 
+# entries of our checkpoints that are not model weights (optimizer moments, loss-scale state)
+_STATE_PREFIXES = ("optimizer.", "scaler.")
+
+
 def _resolve_device(name):
     import mindspore as ms
     if name is None:
@@ -193,18 +197,19 @@ def main(args):
             args.resume = resume_path
             print(f"Load checkpoint (args) from: {args.resume}")
 
+    # the device comes first: communication.init() picks mccl/nccl/hccl from it
+    device = _resolve_device(args.device)
+    ms.set_device(device)
+    ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
     misc.init_distributed_mode(args)
     print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
     print(f"{args}".replace(", ", ",\n"))
 
-    device = _resolve_device(args.device)
-    ms.set_device(device)
-    ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
-
-    seed = args.seed + misc.get_rank()
-    ms.set_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
+    # The model (and the re-initialised head) is built from args.seed on every rank, so all ranks
+    # start identical: MindSpore has no DDP-style broadcast of rank 0's weights at wrap time.
+    ms.set_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
 
     task_dir = os.path.join(args.output_dir, args.task)
     if misc.is_main_process():
@@ -231,6 +236,12 @@ def main(args):
               "is empty; this port does not download them. Pass --finetune NAME|PATH to start from "
               "pre-trained weights; training now starts from random initialisation." % args.model)
 
+    # ---- Per-rank random streams from here on (drop path, Mixup), as the original's seed + rank
+    seed = args.seed + misc.get_rank()
+    ms.set_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
     # ---- Datasets & loaders
     num_tasks, global_rank = misc.get_world_size(), misc.get_rank()
     try:
@@ -245,8 +256,10 @@ def main(args):
     eval_shard = shard if args.dist_eval else {}
     loader_train = loader_val = None
     if not args.eval:
+        # PARITY: the original's DistributedSampler has no seed argument, so its shuffle order is
+        # seeded with 0 whatever --seed is (main_finetune.py); augmentation draws still follow --seed.
         loader_train = create_loader(datasets["train"], args.batch_size, shuffle=True, drop_last=True,
-                                     num_workers=args.num_workers, seed=args.seed, **shard)
+                                     num_workers=args.num_workers, seed=args.seed, shuffle_seed=0, **shard)
         if len(loader_train) == 0:
             raise SystemExit(f"--batch_size {args.batch_size} is larger than the training set "
                              f"({len(datasets['train'])} images{' per rank' if shard else ''}): with drop_last "
@@ -268,13 +281,14 @@ def main(args):
         print("Mixup is activated!")
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                         label_smoothing=args.smoothing, num_classes=args.nb_classes, seed=seed)
+                         label_smoothing=args.smoothing, num_classes=args.nb_classes,
+                         rng=np.random.default_rng(seed))
 
     # ---- Eval-only: weights from --resume (ours or the original's .pth)
     checkpoint_meta = None
     if args.resume and args.eval:
         try:
-            checkpoint_meta = load_model_weights(model, args.resume)
+            checkpoint_meta = load_model_weights(model, args.resume, extra_prefixes=_STATE_PREFIXES)
         except WeightLoadError as e:
             raise SystemExit(f"--resume: {e}")
         print(f"Load checkpoint for eval from: {args.resume}")
@@ -316,7 +330,10 @@ def main(args):
     print("criterion = %s" % ("SoftTargetCrossEntropy (Mixup/CutMix targets)" if mixup_fn else "CrossEntropyLoss()"))
 
     # ---- Full state from --resume: model, optimizer, epoch, best score
-    state = misc.load_model(args=args, model_without_ddp=model, optimizer=optimizer, loss_scaler=None)
+    try:
+        state = misc.load_model(args=args, model_without_ddp=model, optimizer=optimizer, loss_scaler=None)
+    except misc.CheckpointError as e:
+        raise SystemExit(f"--resume: {e}")
     max_score = float(state.get("max_score", 0.0)) if state else 0.0
     best_epoch = int(state.get("best_epoch", 0)) if state else 0
 
@@ -355,7 +372,7 @@ def main(args):
     # ---- Final test with the best checkpoint (as the original)
     best_path = os.path.join(task_dir, "checkpoint-best.ckpt")
     if os.path.isfile(best_path):
-        meta = load_model_weights(model, best_path)
+        meta = load_model_weights(model, best_path, extra_prefixes=_STATE_PREFIXES)
         print(f"Test with the best model, epoch = {meta.get('epoch', -1)}:")
     else:
         print("No best checkpoint was saved (val score never improved above 0): testing the last weights")
