@@ -163,6 +163,39 @@ def build_model(args):
     raise SystemExit(f"Unknown --model {args.model!r}; expected one of {', '.join(models.MODEL_NAMES)}")
 
 
+def _rewrite_atomic(path, lines):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _count_lines(path):
+    if not os.path.isfile(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for _ in f)
+
+
+def _trim_outputs_for_resume(task_dir, state):
+    """A run killed after writing an epoch's rows but before its checkpoint would repeat that epoch
+    on --resume. The latest checkpoint records how many lines log.txt and metrics_val.csv had when it
+    was saved; cut both back to that. Returns the kept log rows (for the training-curve plot)."""
+    import util_mindspore.misc as misc
+    for name, key in (("log.txt", "log_lines"), ("metrics_val.csv", "metrics_val_lines")):
+        path = os.path.join(task_dir, name)
+        keep = int(state.get(key, -1)) if state else -1
+        if keep >= 0 and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                lines = f.readlines()
+            if len(lines) > keep:
+                print(f"--resume: dropping {len(lines) - keep} line(s) of {name} written after the checkpoint")
+                _rewrite_atomic(path, lines[:keep])
+    return misc.read_log(os.path.join(task_dir, "log.txt"))
+
+
 def _check_output_dir(path):
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
@@ -339,7 +372,9 @@ def main(args):
 
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
-    history = misc.read_log(os.path.join(task_dir, "log.txt")) if args.resume else []
+    history = []
+    if args.resume and misc.is_main_process():
+        history = _trim_outputs_for_resume(task_dir, state)
     for epoch in range(args.start_epoch, args.epochs):
         loader_train.set_epoch(epoch)
         train_stats = train_one_epoch(model, None, loader_train, optimizer, device, epoch, None,
@@ -367,7 +402,9 @@ def main(args):
             # Improvement: a latest checkpoint every epoch (optimizer state, best score) for --resume
             misc.save_model(args=args, model=model, model_without_ddp=model, optimizer=optimizer,
                             loss_scaler=None, epoch=epoch, mode="latest",
-                            extra={"max_score": max_score, "best_epoch": best_epoch})
+                            extra={"max_score": max_score, "best_epoch": best_epoch,
+                                   "log_lines": _count_lines(os.path.join(task_dir, "log.txt")),
+                                   "metrics_val_lines": _count_lines(os.path.join(task_dir, "metrics_val.csv"))})
 
     # ---- Final test with the best checkpoint (as the original)
     best_path = os.path.join(task_dir, "checkpoint-best.ckpt")
