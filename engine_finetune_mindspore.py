@@ -16,7 +16,7 @@ from mindspore import nn, ops, Tensor
 import util_mindspore.lr_sched as lr_sched
 import util_mindspore.misc as misc
 from util_mindspore.metrics import compute_metrics, write_metrics_csv, save_confusion_matrix, save_roc_curves
-from util_mindspore.optim import clip_grad_norm
+from util_mindspore.optim import clip_grad_norm, all_finite
 
 
 class NetWithLoss(nn.Cell):
@@ -27,18 +27,24 @@ class NetWithLoss(nn.Cell):
     # label smoothing (main_finetune.py __main__: criterion = torch.nn.CrossEntropyLoss()).
     """
 
-    def __init__(self, model, soft_targets=False):
+    def __init__(self, model, soft_targets=False, loss_scaler=None):
         super().__init__(auto_prefix=False)
         self.model = model
         self.soft_targets = soft_targets
+        self.scaling = loss_scaler is not None
+        self.loss_scaler = loss_scaler if loss_scaler is not None else nn.Identity()
         # MindSpore defaults spelled out (equal to torch's here).
         self.ce = nn.CrossEntropyLoss(weight=None, ignore_index=-100, reduction='mean', label_smoothing=0.0)
 
     def construct(self, images, targets):
-        logits = self.model(images)
+        logits = ops.cast(self.model(images), ms.float32)  # the loss in fp32 under --amp_level too
         if self.soft_targets:
-            return ops.mean(ops.sum(-targets * ops.log_softmax(logits, axis=-1), dim=-1))
-        return self.ce(logits, targets)
+            loss = ops.mean(ops.sum(-targets * ops.log_softmax(logits, axis=-1), dim=-1))
+        else:
+            loss = self.ce(logits, targets)
+        if self.scaling:
+            loss = loss * self.loss_scaler.scale  # fp16: gradients of the scaled loss
+        return loss
 
 
 class _StepBase(nn.Cell):
@@ -52,12 +58,25 @@ class _StepBase(nn.Cell):
         self.max_norm = float(clip_grad) if clip_grad is not None else 1.0
         self.reduce = grad_reducer is not None
         self.grad_reducer = grad_reducer if grad_reducer is not None else nn.Identity()
+        self.scaling = net_with_loss.scaling
+        self.loss_scaler = net_with_loss.loss_scaler
+        self.hyper_map = ops.HyperMap()
+
+    def _unscale(self, loss, grads):
+        if self.scaling:
+            inv = 1.0 / self.loss_scaler.scale
+            return loss * inv, self.hyper_map(ops.partial(_mul, inv), grads)
+        return loss, grads
 
     def _update(self, grads, lr):
         if self.reduce:
             grads = self.grad_reducer(grads)  # data parallel: mean over ranks
         if self.clip:
             grads, _ = clip_grad_norm(grads, self.max_norm)
+        if self.scaling:
+            finite = all_finite(grads)  # GradScaler: skip the step on overflow, then adjust the scale
+            done = self.optimizer.apply_if(grads, lr, finite)
+            return ops.depend(done, self.loss_scaler(finite))
         return self.optimizer(grads, lr)
 
 
@@ -66,6 +85,7 @@ class TrainStep(_StepBase):
 
     def construct(self, images, targets, lr):
         loss, grads = self.value_and_grad(images, targets)
+        loss, grads = self._unscale(loss, grads)
         loss = ops.depend(loss, self._update(grads, lr))
         return loss
 
@@ -78,10 +98,10 @@ class AccumStep(_StepBase):
         super().__init__(net_with_loss, optimizer, clip_grad, grad_reducer)
         self.accum = self.weights.clone(prefix="accum_grad", init="zeros")
         self.inv_accum = Tensor(1.0 / accum_iter, ms.float32)
-        self.hyper_map = ops.HyperMap()
 
     def construct(self, images, targets):
         loss, grads = self.value_and_grad(images, targets)
+        loss, grads = self._unscale(loss, grads)
         # the original divides the loss by accum_iter before backward: the same gradients
         done = self.hyper_map(ops.partial(_accumulate, self.inv_accum), self.accum, grads)
         return ops.depend(loss, done)
@@ -107,6 +127,14 @@ def _accumulate_one(scale, acc, grad):
     return ops.assign_add(acc, grad * scale)
 
 
+_mul = ops.MultitypeFuncGraph("mul")
+
+
+@_mul.register("Tensor", "Tensor")
+def _mul_one(scale, grad):
+    return grad * ops.cast(scale, grad.dtype)
+
+
 _zero = ops.MultitypeFuncGraph("zero")
 
 
@@ -120,11 +148,13 @@ class Stepper:
 
     Built once in main and reused across epochs (every new graph costs a compile)."""
 
-    def __init__(self, model, optimizer, accum_iter=1, clip_grad=None, soft_targets=False, grad_reducer=None):
+    def __init__(self, model, optimizer, accum_iter=1, clip_grad=None, soft_targets=False, grad_reducer=None,
+                 loss_scaler=None):
         self.model = model
         self.optimizer = optimizer
         self.accum_iter = int(accum_iter)
-        net = NetWithLoss(model, soft_targets=soft_targets)
+        self.loss_scaler = loss_scaler
+        net = NetWithLoss(model, soft_targets=soft_targets, loss_scaler=loss_scaler)
         if self.accum_iter == 1:
             self.train_step = TrainStep(net, optimizer, clip_grad, grad_reducer)
             self.micro_step = self.apply_step = None

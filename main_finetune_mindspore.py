@@ -214,7 +214,7 @@ def main(args):
     import util_mindspore.lr_decay as lrd
     from util_mindspore.datasets import build_dataset, create_loader, check_data_layout, scan_images, DatasetError
     from util_mindspore.mixup import Mixup
-    from util_mindspore.optim import AdamW
+    from util_mindspore.optim import AdamW, LossScaler
     from util_mindspore.weight_converter import load_pretrained, load_model_weights, WeightLoadError
     from util_mindspore.tb_writer import SummaryWriter
     from util_mindspore.metrics import save_training_curves
@@ -355,16 +355,20 @@ def main(args):
                                         no_weight_decay_list=model.no_weight_decay(),
                                         layer_decay=args.layer_decay)
     optimizer = AdamW(param_groups, lr=args.lr)
+    loss_scaler = None
     if args.amp_level != "O0":
-        ms.amp.auto_mixed_precision(model, args.amp_level)
+        # float16 compute as the original's CUDA autocast, with GradScaler-style dynamic loss scaling
+        ms.amp.auto_mixed_precision(model, args.amp_level, dtype=ms.float16)
+        loss_scaler = LossScaler()
+        print(f"Mixed precision: {args.amp_level} (float16) with dynamic loss scaling")
     grad_reducer = misc.make_grad_reducer(optimizer.parameters) if num_tasks > 1 else None
     stepper = Stepper(model, optimizer, accum_iter=args.accum_iter, clip_grad=args.clip_grad,
-                      soft_targets=mixup_fn is not None, grad_reducer=grad_reducer)
+                      soft_targets=mixup_fn is not None, grad_reducer=grad_reducer, loss_scaler=loss_scaler)
     print("criterion = %s" % ("SoftTargetCrossEntropy (Mixup/CutMix targets)" if mixup_fn else "CrossEntropyLoss()"))
 
     # ---- Full state from --resume: model, optimizer, epoch, best score
     try:
-        state = misc.load_model(args=args, model_without_ddp=model, optimizer=optimizer, loss_scaler=None)
+        state = misc.load_model(args=args, model_without_ddp=model, optimizer=optimizer, loss_scaler=loss_scaler)
     except misc.CheckpointError as e:
         raise SystemExit(f"--resume: {e}")
     max_score = float(state.get("max_score", 0.0)) if state else 0.0
@@ -385,7 +389,7 @@ def main(args):
             max_score, best_epoch = val_score, epoch
             if args.output_dir and args.savemodel:
                 misc.save_model(args=args, model=model, model_without_ddp=model, optimizer=optimizer,
-                                loss_scaler=None, epoch=epoch, mode="best")
+                                loss_scaler=loss_scaler, epoch=epoch, mode="best")
         print(f"Best epoch = {best_epoch}, Best score = {max_score:.4f}")
 
         if log_writer is not None:
@@ -401,7 +405,7 @@ def main(args):
             save_training_curves(history, os.path.join(task_dir, "training_curves.png"))
             # Improvement: a latest checkpoint every epoch (optimizer state, best score) for --resume
             misc.save_model(args=args, model=model, model_without_ddp=model, optimizer=optimizer,
-                            loss_scaler=None, epoch=epoch, mode="latest",
+                            loss_scaler=loss_scaler, epoch=epoch, mode="latest",
                             extra={"max_score": max_score, "best_epoch": best_epoch,
                                    "log_lines": _count_lines(os.path.join(task_dir, "log.txt")),
                                    "metrics_val_lines": _count_lines(os.path.join(task_dir, "metrics_val.csv"))})

@@ -125,3 +125,59 @@ def test_non_finite_loss_stops_the_run(capsys):
     assert e.value.code == 1
     out = capsys.readouterr().out
     assert "Loss is nan" in out and "--clip_grad" in out
+
+
+def test_loss_scaler_rules_like_torch_gradscaler():
+    from util_mindspore.optim import LossScaler
+    sc = LossScaler(init_scale=8.0, growth_interval=2)
+    t, f = ms.Tensor(True), ms.Tensor(False)
+    sc(t)
+    assert sc.state_dict() == {"scale": 8.0, "growth_tracker": 1.0}
+    sc(t)  # 2 consecutive finite steps: grow
+    assert sc.state_dict() == {"scale": 16.0, "growth_tracker": 0.0}
+    sc(t)
+    sc(f)  # overflow: back off, reset the tracker
+    assert sc.state_dict() == {"scale": 8.0, "growth_tracker": 0.0}
+    sc.load_state_dict({"scale": 4.0, "growth_tracker": 1.0})
+    assert sc.state_dict() == {"scale": 4.0, "growth_tracker": 1.0}
+
+
+@pytest.mark.parametrize("accum_iter", [1, 2])
+def test_fp16_loss_scaling_step_and_overflow_skip(accum_iter):
+    from util_mindspore.optim import LossScaler
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 3, 4).astype(np.int32)
+    with ms_mode(ms.GRAPH_MODE):
+        ref_m, ref_o = _model_and_opt()
+        ref = Stepper(ref_m, ref_o, accum_iter=1)
+        ref_m.set_train(True)
+        ref_loss = float(ref(x, y, 1e-3).asnumpy())
+        m, o = _model_and_opt()
+        ms.amp.auto_mixed_precision(m, "O2", dtype=ms.float16)
+        scaler = LossScaler()
+        s = Stepper(m, o, accum_iter=accum_iter, loss_scaler=scaler)
+        m.set_train(True)
+        before = _params(m)
+
+        def step():
+            loss = None
+            for k in range(accum_iter):
+                loss = s(x, y, 1e-3, update=(k == accum_iter - 1))
+            return float(loss.asnumpy())
+
+        loss = step()  # finite: an ordinary step, loss reported unscaled
+        assert abs(loss - ref_loss) < 2e-2 * abs(ref_loss)
+        after = _params(m)
+        assert float(o.step_count.asnumpy()) == 1.0
+        delta = {k: after[k] - before[k] for k in after}
+        ref_delta = {k: v - before[k] for k, v in _params(ref_m).items()}
+        k = 'blocks.0.attn.qkv.weight'
+        cos = np.sum(delta[k] * ref_delta[k]) / (np.linalg.norm(delta[k]) * np.linalg.norm(ref_delta[k]))
+        assert cos > 0.9  # the fp16 update points where the fp32 update points
+
+        scaler.load_state_dict({"scale": 3.0e38, "growth_tracker": 0.0})  # forces inf gradients
+        step()
+        assert all(np.array_equal(after[k2], v) for k2, v in _params(m).items())  # step skipped
+        assert float(o.step_count.asnumpy()) == 1.0
+        assert scaler.state_dict()["scale"] == pytest.approx(1.5e38, rel=1e-6)

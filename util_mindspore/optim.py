@@ -28,6 +28,24 @@ def _adamw_update(beta1, beta2, eps, lr, bc1, bc2_sqrt, lr_scale, weight_decay, 
     return True
 
 
+@_adamw.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+                 "Tensor", "Tensor", "Tensor", "Tensor")
+def _adamw_update_if(keep, beta1, beta2, eps, lr, bc1, bc2_sqrt, lr_scale, weight_decay, param, grad, exp_avg,
+                     exp_avg_sq):
+    """The same update, applied only where ``keep`` (loss scaling: skip the step on overflow, as
+    torch's GradScaler does); with non-finite grads the discarded candidates are inf/nan."""
+    group_lr = lr * lr_scale
+    param_decayed = param * (1.0 - group_lr * weight_decay)
+    new_exp_avg = exp_avg + (1.0 - beta1) * (grad - exp_avg)
+    new_exp_avg_sq = exp_avg_sq * beta2 + (1.0 - beta2) * grad * grad
+    denom = ops.sqrt(new_exp_avg_sq) / bc2_sqrt + eps
+    new_param = param_decayed - (group_lr / bc1) * (new_exp_avg / denom)
+    ops.assign(exp_avg, ops.where(keep, new_exp_avg, exp_avg))
+    ops.assign(exp_avg_sq, ops.where(keep, new_exp_avg_sq, exp_avg_sq))
+    ops.assign(param, ops.where(keep, new_param, param))
+    return True
+
+
 class AdamW(nn.Cell):
     """torch.optim.AdamW over layer-decay groups from ``param_groups_lrd``.
 
@@ -72,14 +90,61 @@ class AdamW(nn.Cell):
     def state_parameters(self):
         return list(self.exp_avg) + list(self.exp_avg_sq) + [self.step_count]
 
-    def construct(self, grads, lr):
-        step = self.step_count + 1.0
+    def _bias_corrections(self, increment):
+        step = self.step_count + increment
         ops.assign(self.step_count, step)
-        bc1 = 1.0 - ops.pow(self.beta1, step)
-        bc2_sqrt = ops.sqrt(1.0 - ops.pow(self.beta2, step))
+        step = ops.maximum(step, 1.0)  # a skipped first step must not divide by zero
+        return 1.0 - ops.pow(self.beta1, step), ops.sqrt(1.0 - ops.pow(self.beta2, step))
+
+    def construct(self, grads, lr):
+        bc1, bc2_sqrt = self._bias_corrections(1.0)
         apply = ops.partial(_adamw, self.beta1, self.beta2, self.eps, lr, bc1, bc2_sqrt)
         return self.hyper_map(apply, self.lr_scales, self.weight_decays, self.parameters, grads,
                               self.exp_avg, self.exp_avg_sq)
+
+    def apply_if(self, grads, lr, keep):
+        """One step that is skipped entirely (moments, step count, parameters) when ``keep`` is False."""
+        bc1, bc2_sqrt = self._bias_corrections(ops.cast(keep, ms.float32))
+        apply = ops.partial(_adamw, keep, self.beta1, self.beta2, self.eps, lr, bc1, bc2_sqrt)
+        return self.hyper_map(apply, self.lr_scales, self.weight_decays, self.parameters, grads,
+                              self.exp_avg, self.exp_avg_sq)
+
+
+class LossScaler(nn.Cell):
+    """Dynamic loss scale with torch.cuda.amp.GradScaler's defaults and rules: start at 2**16,
+    multiply by 2 after 2000 consecutive finite steps, by 0.5 on overflow (and skip that step).
+
+    Used with --amp_level O1/O2/O3 (float16). Its state is saved in checkpoint-latest."""
+
+    def __init__(self, init_scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000):
+        super().__init__(auto_prefix=False)
+        self.scale = Parameter(Tensor(init_scale, ms.float32), name="scaler.scale", requires_grad=False)
+        self.growth_tracker = Parameter(Tensor(0.0, ms.float32), name="scaler.growth_tracker", requires_grad=False)
+        self.growth_factor = float(growth_factor)
+        self.backoff_factor = float(backoff_factor)
+        self.growth_interval = float(growth_interval)
+
+    def construct(self, finite):
+        """Update the scale after a step whose gradients were (not) all finite."""
+        tracker = ops.where(finite, self.growth_tracker + 1.0, ops.zeros_like(self.growth_tracker))
+        grow = tracker >= self.growth_interval
+        new_scale = ops.where(finite, ops.where(grow, self.scale * self.growth_factor, self.scale),
+                              self.scale * self.backoff_factor)
+        ops.assign(self.growth_tracker, ops.where(grow, ops.zeros_like(tracker), tracker))
+        ops.assign(self.scale, new_scale)
+        return finite
+
+    def state_dict(self):
+        return {"scale": float(self.scale.asnumpy()), "growth_tracker": float(self.growth_tracker.asnumpy())}
+
+    def load_state_dict(self, state):
+        self.scale.set_data(Tensor(float(state["scale"]), ms.float32))
+        self.growth_tracker.set_data(Tensor(float(state["growth_tracker"]), ms.float32))
+
+
+def all_finite(grads):
+    """True when every gradient element is finite (a 0-d bool tensor)."""
+    return ops.stack([ops.isfinite(g).all() for g in grads]).all()
 
 
 def clip_grad_norm(grads, max_norm):
