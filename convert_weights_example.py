@@ -11,6 +11,7 @@
 # Exits non-zero on any failure.
 # --------------------------------------------------------
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -22,8 +23,9 @@ def get_args_parser():
     parser = argparse.ArgumentParser('Convert RETFound weights to MindSpore and run one forward pass')
     parser.add_argument('--finetune', required=True,
                         help='published name (e.g. RETFound_mae_natureCFP) or a local .pth/.ckpt/.safetensors')
-    parser.add_argument('--model', default='RETFound_mae', type=str,
-                        help='RETFound_mae, RETFound_dinov2, Dinov2, vit_base_patch16, vit_large_patch16, ...')
+    parser.add_argument('--model', default=None, type=str,
+                        help='RETFound_mae, RETFound_dinov2, Dinov2, vit_base_patch16, vit_large_patch16, ... '
+                             '(default: RETFound_dinov2 for a *dinov2* name, else RETFound_mae)')
     parser.add_argument('--model_arch', default='dinov2_vitl14', type=str, help='for --model Dinov2')
     parser.add_argument('--cache_dir', default='./weights_cache', type=str)
     parser.add_argument('--input_size', default=224, type=int,
@@ -47,7 +49,15 @@ def build_model(args):
                    global_pool=args.global_pool)
 
 
+def default_model(finetune):
+    """The architecture the published weights belong to (RETFound_dinov2_* vs RETFound_mae_*)."""
+    return 'RETFound_dinov2' if 'dinov2' in os.path.basename(str(finetune)).lower() else 'RETFound_mae'
+
+
 def main(args):
+    if args.model is None:
+        args.model = default_model(args.finetune)
+        print(f'--model not given: using {args.model} for {args.finetune}')
     try:
         resolve_finetune(args.finetune)  # fail fast (unknown name, no access) before building a ViT-L
         model = build_model(args)

@@ -18,9 +18,12 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
 def _have_torch_stack():
+    import warnings
     try:
-        import torch  # noqa: F401
-        import timm  # noqa: F401
+        with warnings.catch_warnings():  # torch 2.14 warns about its own torch.jit at import
+            warnings.simplefilter("ignore", FutureWarning)
+            import torch  # noqa: F401
+            import timm  # noqa: F401
     except Exception:  # pragma: no cover - depends on the environment
         return False
     return True

@@ -440,3 +440,30 @@ def test_cli_fails_cleanly(tmp_path):
                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
         assert out.returncode == 1, out.stderr
         assert 'ERROR:' in out.stderr and 'OK' not in out.stdout and 'Converted weights' not in out.stdout
+
+
+def test_cli_converts_caches_and_runs_a_forward_pass(tmp_path):
+    """The success path: a real (small) checkpoint, converted, cached, one forward pass, exit 0."""
+    import subprocess
+    import sys
+    import mindspore as ms
+    import models_vit_mindspore as models
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = tmp_path / 'vit_tiny_pretrained.ckpt'
+    ms.save_checkpoint(models.vit_tiny_patch16(img_size=32, num_classes=0), str(src))
+    cmd = [sys.executable, os.path.join(root, 'convert_weights_example.py'), '--finetune', str(src),
+           '--model', 'vit_tiny_patch16', '--input_size', '48', '--nb_classes', '4', '--cache_dir', str(tmp_path / 'c')]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    cached = list((tmp_path / 'c').glob('*.ckpt'))
+    assert len(cached) == 1 and str(cached[0]) in out.stdout
+    assert 'Position interpolate from 2x2 to 3x3' in out.stdout and '(1, 4)' in out.stdout
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert again.returncode == 0 and 'hit' in again.stdout.lower()
+
+
+def test_cli_picks_the_architecture_of_a_published_name():
+    import convert_weights_example as cli
+    assert cli.default_model('RETFound_dinov2_meh') == 'RETFound_dinov2'
+    assert cli.default_model('RETFound_mae_natureCFP') == 'RETFound_mae'
+    assert cli.default_model('/data/RETFound_dinov2_shanghai.pth') == 'RETFound_dinov2'
