@@ -149,7 +149,7 @@ class Stepper:
     Built once in main and reused across epochs (every new graph costs a compile)."""
 
     def __init__(self, model, optimizer, accum_iter=1, clip_grad=None, soft_targets=False, grad_reducer=None,
-                 loss_scaler=None):
+                 loss_scaler=None, jit=False):
         self.model = model
         self.optimizer = optimizer
         self.accum_iter = int(accum_iter)
@@ -163,6 +163,12 @@ class Stepper:
             self.apply_step = ApplyAccumulated(self.micro_step)
             self.train_step = None
         self.soft_targets = soft_targets
+        if jit:
+            # --mode jit: PYNATIVE context, the step cells compiled with the @ms.jit decorator
+            # (GRAPH_MODE, the default, compiles them as whole-graph Cells and ran steadier here)
+            for cell in (self.train_step, self.micro_step, self.apply_step):
+                if cell is not None:
+                    cell.construct = ms.jit(cell.construct)
 
     def reset_accumulation(self):
         """optimizer.zero_grad() at the start of each epoch in the original."""

@@ -101,8 +101,9 @@ def get_args_parser():
     g.add_argument("--device", default=None,
                    help="[MindSpore] CPU | GPU | Ascend (default: what the installed MindSpore targets; "
                         "the original's 'cuda'/'cpu' are accepted)")
-    g.add_argument("--mode", default="graph", choices=["graph", "pynative"],
-                   help="[MindSpore] GRAPH_MODE (compiled, default) or PYNATIVE_MODE")
+    g.add_argument("--mode", default="graph", choices=["graph", "pynative", "jit"],
+                   help="[MindSpore] graph: GRAPH_MODE, compiled (default); pynative: PYNATIVE_MODE, eager; "
+                        "jit: PYNATIVE_MODE with the train step compiled by @mindspore.jit")
     g.add_argument("--amp_level", default="O0", choices=["O0", "O1", "O2", "O3"],
                    help="[MindSpore] mixed precision level (O0 = fp32, the original's behaviour on CPU)")
     g.add_argument("--seed", default=0, type=int)
@@ -363,7 +364,8 @@ def main(args):
         print(f"Mixed precision: {args.amp_level} (float16) with dynamic loss scaling")
     grad_reducer = misc.make_grad_reducer(optimizer.parameters) if num_tasks > 1 else None
     stepper = Stepper(model, optimizer, accum_iter=args.accum_iter, clip_grad=args.clip_grad,
-                      soft_targets=mixup_fn is not None, grad_reducer=grad_reducer, loss_scaler=loss_scaler)
+                      soft_targets=mixup_fn is not None, grad_reducer=grad_reducer, loss_scaler=loss_scaler,
+                      jit=args.mode == "jit")
     print("criterion = %s" % ("SoftTargetCrossEntropy (Mixup/CutMix targets)" if mixup_fn else "CrossEntropyLoss()"))
 
     # ---- Full state from --resume: model, optimizer, epoch, best score

@@ -181,3 +181,21 @@ def test_fp16_loss_scaling_step_and_overflow_skip(accum_iter):
         assert all(np.array_equal(after[k2], v) for k2, v in _params(m).items())  # step skipped
         assert float(o.step_count.asnumpy()) == 1.0
         assert scaler.state_dict()["scale"] == pytest.approx(1.5e38, rel=1e-6)
+
+
+@pytest.mark.parametrize("mode,jit", [(ms.PYNATIVE_MODE, False), (ms.PYNATIVE_MODE, True)],
+                         ids=["pynative", "jit"])
+def test_pynative_and_jit_steps_equal_the_graph_step(mode, jit):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 3, 4).astype(np.int32)
+    with ms_mode(ms.GRAPH_MODE):
+        m1, o1 = _model_and_opt()
+        m1.set_train(True)
+        Stepper(m1, o1)(x, y, 1e-3)
+    with ms_mode(mode):
+        m2, o2 = _model_and_opt()
+        m2.set_train(True)
+        Stepper(m2, o2, jit=jit)(x, y, 1e-3)
+    p1, p2 = _params(m1), _params(m2)
+    assert max(float(np.max(np.abs(p1[k] - p2[k]))) for k in p1) <= 1e-5
