@@ -218,3 +218,46 @@ def test_resume_missing_and_foreign(tmp_path, trained):
             "--task", "t", "--eval", "--resume", str(task / "checkpoint-best.ckpt")]
     msg = _main_exit(argv)
     assert "--resume" in msg and "shape" in msg
+
+
+@pytest.mark.torch
+def test_eval_of_a_checkpoint_fine_tuned_by_the_original(data, tmp_path):
+    """--eval --resume checkpoint-best.pth as the original saves it (model, epoch, pickled args):
+    the test metrics equal the torch model's own predictions on the same images."""
+    import argparse
+    import torch
+    from tests.original_reference import retfound_vit, randomize_
+    from util_mindspore.datasets import build_dataset
+    from util_mindspore.metrics import compute_metrics
+    tm = randomize_(retfound_vit(global_pool=True, img_size=32, patch_size=16, embed_dim=192, depth=12,
+                                 num_heads=3, num_classes=3), seed=11).eval()
+    pth = tmp_path / "checkpoint-best.pth"
+    torch.save({"model": tm.state_dict(), "epoch": 7,
+                "args": argparse.Namespace(model="vit_large_patch16", nb_classes=3)}, pth)
+    out = tmp_path / "out"
+    r = _run(COMMON + ["--data_path", str(data / "data"), "--task", "orig", "--eval", "--output_dir", str(out),
+                       "--resume", str(pth)], cwd=str(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Test with the best model at epoch = 7" in r.stdout
+    got = dict(zip(CSV_HEADER, map(float, _rows(out / "orig" / "metrics_test.csv")[1])))
+
+    ds = build_dataset("test", SimpleArgs(data_path=str(data / "data"), input_size=32))
+    images = np.stack([ds[i][0] for i in range(len(ds))])
+    labels = np.array([ds[i][1] for i in range(len(ds))])
+    with torch.no_grad():
+        logits = tm(torch.from_numpy(images))
+        probs = torch.softmax(logits, dim=1).numpy()
+        losses = [torch.nn.functional.cross_entropy(logits[i:i + 8], torch.from_numpy(labels[i:i + 8])).item()
+                  for i in range(0, len(labels), 8)]
+    ref = compute_metrics(labels, probs, 3)
+    for k in CSV_HEADER[1:]:
+        assert abs(got[k] - ref[k]) <= 1e-6, k
+    assert abs(got["val_loss"] - float(np.mean(losses))) <= 1e-5
+
+
+class SimpleArgs:
+    def __init__(self, **kw):
+        defaults = dict(aa="rand-m9-mstd0.5-inc1", color_jitter=None, reprob=0.25, remode="pixel", recount=1,
+                        resplit=False, dataratio="1.0", stratified=False, seed=0)
+        defaults.update(kw)
+        self.__dict__.update(defaults)
