@@ -39,3 +39,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_torch)
         if "slow" in item.keywords and not run_slow:
             item.add_marker(skip_slow)
+
+
+@pytest.fixture(autouse=True)
+def _restore_print():
+    """main() installs the original's timestamped print (setup_for_distributed); undo it per test."""
+    import builtins
+    saved = builtins.print
+    yield
+    builtins.print = saved
