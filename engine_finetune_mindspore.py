@@ -242,19 +242,22 @@ def _softmax(x):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _cross_entropy(logits, labels):
+def _cross_entropy(logits, labels, reduce=True):
     z = logits.astype(np.float64)
     z = z - z.max(axis=1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return float(-logp[np.arange(len(labels)), labels].mean())
+    per_sample = -logp[np.arange(len(labels)), labels]
+    return float(per_sample.mean()) if reduce else per_sample
 
 
-def predict(model, data_loader, batch_size, log_header='', print_freq=10, metric_logger=None):
+def predict(model, data_loader, batch_size, log_header='', print_freq=10, metric_logger=None,
+            return_sample_losses=False):
     """Run the model over a loader in eval mode; returns (labels, softmax, per-batch losses).
 
-    The last, smaller batch is padded to ``batch_size`` so the graph compiles once."""
+    The last, smaller batch is padded to ``batch_size`` so the graph compiles once.
+    ``return_sample_losses``: also return every sample's loss (a 4th value)."""
     model.set_train(False)
-    labels, probs = [], []
+    labels, probs, sample_losses = [], [], []
     metric_logger = metric_logger or misc.MetricLogger(delimiter="  ")
     for images, target in metric_logger.log_every(data_loader, print_freq, log_header):
         n = images.shape[0]
@@ -263,11 +266,14 @@ def predict(model, data_loader, batch_size, log_header='', print_freq=10, metric
             images = np.concatenate([images, pad], axis=0)
         logits = model(Tensor(np.ascontiguousarray(images, dtype=np.float32))).asnumpy()[:n]
         target = np.asarray(target).astype(np.int64)
-        metric_logger.update(loss=_cross_entropy(logits, target))
+        sample_losses.append(_cross_entropy(logits, target, reduce=False))
+        metric_logger.update(loss=float(sample_losses[-1].mean()))
         labels.append(target)
         probs.append(_softmax(logits.astype(np.float32)))
     if not labels:
         raise RuntimeError(f"{log_header} the data loader produced no batches")
+    if return_sample_losses:
+        return np.concatenate(labels), np.concatenate(probs), metric_logger, np.concatenate(sample_losses)
     return np.concatenate(labels), np.concatenate(probs), metric_logger
 
 
@@ -275,12 +281,14 @@ def evaluate(data_loader, model, device, args, epoch, mode, num_class, log_write
     """Evaluate: the original's ten numbers, metrics_{mode}.csv, confusion matrix on test."""
     task_dir = os.path.join(args.output_dir, args.task)
     os.makedirs(task_dir, exist_ok=True)
-    true_labels, pred_softmax, metric_logger = predict(model, data_loader, args.batch_size, f'{mode}:')
+    true_labels, pred_softmax, metric_logger, sample_losses = predict(model, data_loader, args.batch_size,
+                                                                      f'{mode}:', return_sample_losses=True)
     # --dist_eval: every rank predicted its shard; gather them back in dataset order, padding dropped
-    # (the original computes each rank's metrics on its own shard only)
-    dataset = getattr(data_loader, 'dataset', None)
-    true_labels, pred_softmax = misc.gather_predictions(true_labels, pred_softmax,
-                                                        len(dataset) if dataset is not None else None)
+    # (the original computes each rank's metrics on its own shard only). Without --dist_eval every
+    # rank holds the whole set already: gathering would duplicate samples.
+    sharded = getattr(data_loader, 'num_shards', 1) > 1
+    if sharded:
+        true_labels, pred_softmax = misc.gather_predictions(true_labels, pred_softmax, len(data_loader.dataset))
     m = compute_metrics(true_labels, pred_softmax, num_class)
     score = m['score']
     if log_writer:
@@ -290,6 +298,8 @@ def evaluate(data_loader, model, device, args, epoch, mode, num_class, log_write
 
     metric_logger.synchronize_between_processes()
     val_loss = metric_logger.meters["loss"].global_avg
+    if sharded:  # the loss one process logs over the whole set, not the mean of the shards' batch means
+        val_loss = misc.gather_eval_loss(sample_losses, args.batch_size, len(data_loader.dataset))
     print(f'val loss: {val_loss}')
     print(f"Accuracy: {m['accuracy']:.4f}, F1 Score: {m['f1']:.4f}, ROC AUC: {m['roc_auc']:.4f}, "
           f"Hamming Loss: {m['hamming']:.4f},\n Jaccard Score: {m['jaccard']:.4f}, "
@@ -305,4 +315,5 @@ def evaluate(data_loader, model, device, args, epoch, mode, num_class, log_write
             save_roc_curves(true_labels, pred_softmax, os.path.join(task_dir, 'roc_curves_test.png'),
                             class_names=class_names)
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    stats['loss'] = val_loss
     return stats, score

@@ -295,6 +295,28 @@ def gather_predictions(true_labels, pred_softmax, num_samples=None):
     return true_labels, pred_softmax
 
 
+def gather_eval_loss(sample_losses, batch_size, num_samples=None):
+    """--dist_eval: the evaluation loss one process would log for the whole set.
+
+    One process logs the mean of its per-batch mean losses over the dataset in order (batches of
+    ``batch_size``, the last one smaller). The shards' batches differ from those, so averaging the
+    ranks' batch means gives another number; instead every rank's per-sample losses are gathered
+    (like ``gather_predictions``: dataset order, padding dropped) and re-batched. The float64
+    losses travel as float32 (hi, lo) pairs (~48 bits).
+    """
+    x = np.asarray(sample_losses, dtype=np.float64).reshape(-1)
+    hi = x.astype(np.float32)
+    lo = (x - hi.astype(np.float64)).astype(np.float32)
+    _, pairs = gather_predictions(np.zeros(x.shape[0], np.int64), np.stack([hi, lo], axis=1), num_samples)
+    x = pairs[:, 0].astype(np.float64) + pairs[:, 1].astype(np.float64)
+    if x.size == 0:
+        raise RuntimeError('gather_eval_loss: no samples were evaluated')
+    meter = SmoothedValue()  # the same summation as the single-process loss meter
+    for i in range(0, x.size, int(batch_size)):
+        meter.update(float(x[i:i + int(batch_size)].mean()))
+    return meter.global_avg
+
+
 # ---------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------
