@@ -10,7 +10,6 @@ import datetime
 import json
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -210,7 +209,6 @@ def _check_output_dir(path):
 
 def main(args):
     import mindspore as ms
-    import models_vit_mindspore as models  # noqa: F401  (import errors surface early)
     import util_mindspore.misc as misc
     import util_mindspore.lr_decay as lrd
     from util_mindspore.datasets import build_dataset, create_loader, check_data_layout, scan_images, DatasetError

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import nn
 
 import models_vit_mindspore as models
 from tests.helpers import TINY, tiny_vit, load_numpy_state, ms_mode
@@ -105,7 +105,6 @@ def test_dinov2_architecture_matches_timm(mode, swiglu):
 @pytest.mark.torch
 def test_full_size_key_sets_and_shapes_equal_original():
     """Every factory has exactly the original's state-dict keys and shapes."""
-    import torch
     import timm
     from tests.original_reference import retfound_vit
     if True:  # timm's constructor calls .item(): the meta device cannot be used
