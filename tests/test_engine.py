@@ -199,3 +199,25 @@ def test_pynative_and_jit_steps_equal_the_graph_step(mode, jit):
         Stepper(m2, o2, jit=jit)(x, y, 1e-3)
     p1, p2 = _params(m1), _params(m2)
     assert max(float(np.max(np.abs(p1[k] - p2[k]))) for k in p1) <= 1e-5
+
+
+def test_linear_probe_trains_only_the_head():
+    """--adaptation lp: everything but head.* frozen and left out of the optimizer (main's rule)."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 3, 4).astype(np.int32)
+    with ms_mode(ms.GRAPH_MODE):
+        np.random.seed(0)
+        m = tiny_vit(global_pool=True)
+        for p in m.get_parameters():
+            p.requires_grad = p.name.startswith("head.")
+        o = AdamW(param_groups_lrd(m, 0.05, m.no_weight_decay(), 0.65), lr=1e-3)
+        assert sorted(p.name for p in o.parameters) == ["head.bias", "head.weight"]
+        m.set_train(True)
+        before = _params(m)
+        s = Stepper(m, o)
+        for _ in range(2):
+            s(x, y, 1e-2)
+        after = _params(m)
+    changed = sorted(k for k in after if not np.array_equal(after[k], before[k]))
+    assert changed == ["head.bias", "head.weight"]
