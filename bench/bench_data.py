@@ -3,16 +3,24 @@
 """Images/s of our data pipeline (create_loader, numpy/PIL in mindspore.dataset) vs the original's
 (torchvision ImageFolder + timm create_transform + torch DataLoader), same worker count, interleaved.
 
-    .venv/bin/python bench/bench_data.py --n 64 --workers 2 --repeats 2
+Each run builds both loaders and iterates them for ``--epochs`` epochs as the training loop does
+(``set_epoch(e)`` then one pass), alternating epoch by epoch between ours and torch so both see the
+same background load. Reported separately: the first epoch (building the loader + its first pass:
+includes starting the pipeline and its worker processes) and the steady state (epochs 2.., images / wall time). The torch side is the
+original's DataLoader without ``persistent_workers``: it starts its workers every epoch.
+Medians over ``--repeats`` runs in one process; the per-run ratios are printed too.
+
+    .venv/bin/python bench/bench_data.py --n 64 --workers 2 --epochs 3 --repeats 3
 """
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,15 +39,32 @@ def make_images(root, n, size):
             Image.fromarray(base + noise).save(os.path.join(d, f'{k}.jpg'), quality=90)
 
 
-def run_ours(args, split, workers, batch):
+def _pillow10_posterize():
+    """timm's PosterizeIncreasing at magnitude 10 asks for bits=0: Pillow >= 11 raises, the
+    original's pinned Pillow 10.2 returns a black image. Restore that so the torch side cannot crash."""
+    orig = ImageOps.posterize
+
+    def posterize(image, bits):
+        return Image.new(image.mode, image.size, 0) if bits == 0 else orig(image, bits)
+    ImageOps.posterize = posterize
+
+
+def _epoch(loader, epoch, set_epoch):
+    """(images, seconds) of one epoch, iterated as the training loop does."""
+    if set_epoch is not None:
+        set_epoch(epoch)
+    t = time.perf_counter()
+    n = sum(len(y) for _, y in loader)
+    return n, time.perf_counter() - t
+
+
+def ours_loader(args, split, workers, batch):
     ds = build_dataset(split, args)
     ld = create_loader(ds, batch, shuffle=split == 'train', drop_last=False, num_workers=workers)
-    t = time.perf_counter()
-    n = sum(len(y) for _, y in ld)
-    return n / (time.perf_counter() - t)
+    return ld, ld.set_epoch, ld.close
 
 
-def run_torch(args, split, workers, batch):
+def torch_loader(args, split, workers, batch):
     import torch
     from timm.data import create_transform
     from torchvision import datasets, transforms as T
@@ -54,38 +79,64 @@ def run_torch(args, split, workers, batch):
                         T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     ds = datasets.ImageFolder(os.path.join(args.data_path, split), transform=tf)
     ld = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=split == 'train', num_workers=workers)
-    t = time.perf_counter()
-    n = sum(len(y) for _, y in ld)
-    return n / (time.perf_counter() - t)
+    return ld, None, lambda: None
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument('--n', type=int, default=64)
-    p.add_argument('--size', type=int, default=1024)
+    p.add_argument('--n', type=int, default=64, help='images per split')
+    p.add_argument('--size', type=int, default=1024, help='JPEG side length')
     p.add_argument('--input_size', type=int, default=224)
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--batch', type=int, default=16)
-    p.add_argument('--repeats', type=int, default=2)
+    p.add_argument('--epochs', type=int, default=3, help='epochs per run; steady state = epochs 2..')
+    p.add_argument('--repeats', type=int, default=3, help='interleaved runs per pipeline; medians reported')
     a = p.parse_args()
+    if a.epochs < 2:
+        p.error('--epochs must be >= 2 (the first epoch is reported apart from the steady state)')
+    _pillow10_posterize()
+    import mindspore.dataset  # noqa: F401  (import time is not pipeline time)
+    import torch  # noqa: F401
+    import timm.data  # noqa: F401
     with tempfile.TemporaryDirectory() as root:
         make_images(root, a.n, a.size)
         args = argparse.Namespace(data_path=root, input_size=a.input_size, aa='rand-m9-mstd0.5-inc1',
                                   color_jitter=None, reprob=0.25, remode='pixel', recount=1,
                                   dataratio='1.0', seed=0, stratified=False)
-        res = {}
-        for _ in range(a.repeats):  # interleaved: ours, torch, ours, torch ...
+        first, steady = {}, {}
+        for _ in range(a.repeats):
             for split in ('train', 'val'):
-                for name, fn in (('ours', run_ours), ('torch', run_torch)):
-                    res.setdefault((split, name), []).append(fn(args, split, a.workers, a.batch))
+                # Both loaders live side by side; their epochs alternate (ours, torch, ours, torch ...)
+                # so both see the same background load. Epoch 0 includes starting the pipeline.
+                runs, built = {}, {}
+                for name, make in (('ours', ours_loader), ('torch', torch_loader)):
+                    t = time.perf_counter()
+                    runs[name] = make(args, split, a.workers, a.batch)
+                    built[name] = time.perf_counter() - t  # ours starts its workers here
+                for name in runs:
+                    steady[(split, name)] = steady.get((split, name), []) + [[0, 0.0]]
+                for e in range(a.epochs):
+                    for name, (ld, set_epoch, _) in runs.items():
+                        n, dt = _epoch(ld, e, set_epoch)
+                        if e == 0:  # start-up: building the loader + the first epoch
+                            first.setdefault((split, name), []).append(n / (dt + built[name]))
+                        else:
+                            steady[(split, name)][-1][0] += n
+                            steady[(split, name)][-1][1] += dt
+                for _, _, close in runs.values():
+                    close()
+        steady = {k: [n / t for n, t in v] for k, v in steady.items()}
     print(f'\n{a.n} JPEGs {a.size}x{a.size} -> {a.input_size}, {a.workers} workers, batch {a.batch}, '
-          f'best of {a.repeats} (images/s)\n')
-    print('| pipeline | ours (MindSpore) | original (torch) | ratio ours/torch |')
-    print('|---|---|---|---|')
+          f'{a.epochs} epochs per run, median of {a.repeats} interleaved runs (images/s)\n')
+    print('| pipeline | epoch | ours (MindSpore) | original (torch) | ratio ours/torch, median of runs |')
+    print('|---|---|---|---|---|')
     for split in ('train', 'val'):
-        o, t = max(res[(split, 'ours')]), max(res[(split, 'torch')])
         label = 'train (RRC+RandAugment+RE)' if split == 'train' else 'eval (resize+crop)'
-        print(f'| {label} | {o:.1f} | {t:.1f} | {o / t:.2f} |')
+        for kind, res in (('first', first), (f'2..{a.epochs}', steady)):
+            o, t = statistics.median(res[(split, 'ours')]), statistics.median(res[(split, 'torch')])
+            ratios = [x / y for x, y in zip(res[(split, 'ours')], res[(split, 'torch')])]
+            print(f'| {label} | {kind} | {o:.1f} | {t:.1f} | {statistics.median(ratios):.2f} '
+                  f'(runs {", ".join(f"{r:.2f}" for r in ratios)}) |')
 
 
 if __name__ == '__main__':

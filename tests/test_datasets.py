@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from util_mindspore.datasets import (DatasetError, ImageFolder, build_dataset, check_data_layout,
-                                     create_loader, pil_loader, scan_images, shard_indices,
+                                     create_loader, pil_loader, sample_rng, scan_images, shard_indices,
                                      stratified_indices, subsample_indices, torch_randperm)
 
 
@@ -178,6 +178,83 @@ def test_loader_batches_and_worker_independence(tmp_path):
     ev = create_loader(build_dataset('train', _args(root, input_size=16)), 4, False, False, 1,
                        num_shards=2, shard_id=1)
     assert len(ev) == 2 and [len(b[1]) for b in ev] == [4, 1]
+
+
+def _reference_batches(ld):
+    """Per-sample reference: the loader's epoch order, each sample loaded with its own generator,
+    stacked in batches (drop_last drops the remainder)."""
+    idx = ld.indices()
+    if ld.drop_last:
+        idx = idx[:len(ld) * ld.batch_size]
+    out = []
+    for k in range(0, len(idx), ld.batch_size):
+        items = [ld.dataset.load(i, sample_rng(ld.seed, ld.epoch, ld.shard_id, i)) for i in idx[k:k + ld.batch_size]]
+        out.append((np.stack([x for x, _ in items]), np.array([y for _, y in items], dtype=np.int32)))
+    return out
+
+
+def _same(got, ref):
+    return len(got) == len(ref) and all(a.dtype == b.dtype and np.array_equal(a, b)
+                                        for p, q in zip(got, ref) for a, b in zip(p, q))
+
+
+@pytest.mark.parametrize('workers', [1, 2])
+def test_persistent_loader_epochs_match_reference(tmp_path, workers):
+    root = _layout(tmp_path, per_class=5, splits=('train',))
+    ld = create_loader(build_dataset('train', _args(root)), 4, shuffle=True, drop_last=True,
+                       num_workers=workers, seed=3)
+    orders, pipe = [], None
+    for epoch in (0, 1, 2):
+        ld.set_epoch(epoch)
+        got = list(ld)
+        assert len(got) == len(ld) == 2 and _same(got, _reference_batches(ld)), epoch
+        orders.append(ld.indices()[:8])
+        assert pipe is None or ld._pipe is pipe  # one pipeline (and worker pool) for all epochs
+        pipe = ld._pipe
+    assert len({tuple(o) for o in orders}) == 3  # set_epoch changes the order every epoch
+    ld.set_epoch(1)  # going back replays epoch 1 exactly
+    assert _same(list(ld), _reference_batches(ld))
+    ld.set_epoch(4)  # an unfinished pass is abandoned, the next one is still right
+    it = iter(ld)
+    next(it)
+    del it
+    ld.set_epoch(5)
+    assert _same(list(ld), _reference_batches(ld))
+    ld.close()
+    assert ld._pipe is None and _same(list(ld), _reference_batches(ld))  # restarts after close()
+    ld.close()
+
+
+def test_persistent_eval_loader_and_worker_cleanup(tmp_path):
+    import psutil
+    root = _layout(tmp_path, per_class=5, splits=('train',))
+    ds = build_dataset('train', _args(root))
+    me = psutil.Process()
+    before = len(me.children(recursive=True))
+    ev = create_loader(ds, 4, False, False, 2, num_shards=2, shard_id=1)
+    for _ in range(3):  # an eval loader is iterated once per epoch without set_epoch
+        got = list(ev)
+        assert [len(b[1]) for b in got] == [4, 1] and _same(got, _reference_batches(ev))
+    assert len(me.children(recursive=True)) > before
+    ev.close()
+    for _ in range(3):  # loaders dropped without close() release their workers too
+        tmp = create_loader(ds, 4, True, True, 2)
+        list(tmp)
+        del tmp
+    import gc
+    gc.collect()
+    assert len(me.children(recursive=True)) == before
+
+
+def test_loader_follows_dataset_changes(tmp_path):
+    root = _layout(tmp_path, per_class=5, splits=('train',))
+    ds = build_dataset('train', _args(root))
+    ld = create_loader(ds, 4, shuffle=True, drop_last=False, num_workers=1, seed=1)
+    assert len(list(ld)) == 3
+    ds.subsample([0, 2, 4, 6, 8])  # new .samples: the pipeline is rebuilt for the new length
+    got = list(ld)
+    assert len(got) == len(ld) == 2 and _same(got, _reference_batches(ld))
+    ld.close()
 
 
 # ---------------------------------------------------------------- bad input

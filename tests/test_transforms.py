@@ -76,6 +76,19 @@ def test_to_tensor_normalize_bit_exact():
     assert torch.__version__  # keep the import meaningful
 
 
+def test_to_tensor_normalize_lookup_equals_formula():
+    """The table lookup gives the same bits as (x/255 - mean)/std for every uint8 value and channel."""
+    x = np.stack([np.roll(np.arange(256, dtype=np.uint8), 7 * c) for c in range(3)], -1).reshape(16, 16, 3)
+    m = np.asarray((0.485, 0.456, 0.406), dtype=np.float32).reshape(-1, 1, 1)
+    s = np.asarray((0.229, 0.224, 0.225), dtype=np.float32).reshape(-1, 1, 1)
+    ref = (x.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0) - m) / s
+    got = to_tensor_normalize(Image.fromarray(x))
+    assert got.dtype == np.float32 and got.flags.c_contiguous and np.array_equal(got, ref)
+    gray = to_tensor_normalize(Image.fromarray(x[:, :, 0]), (0.5,), (0.25,))  # other paths unchanged
+    assert np.array_equal(gray, ((x[None, :, :, 0].astype(np.float32) / np.float32(255.0)) - np.float32(0.5))
+                          / np.float32(0.25))
+
+
 # ---------------------------------------------------------------- RandAugment ops
 ALL_OPS = sorted(set(ours_aa.RAND_TRANSFORMS) | set(ours_aa.RAND_INCREASING_TRANSFORMS))
 

@@ -21,10 +21,14 @@ class DatasetError(ValueError):
 
 
 def pil_loader(path):
-    """torchvision's pil_loader: open, then ``.convert('RGB')`` (no EXIF orientation applied)."""
+    """torchvision's pil_loader: open, then ``.convert('RGB')`` (no EXIF orientation applied).
+
+    An image that decodes to RGB is returned as decoded: ``convert('RGB')`` would only copy it
+    (same pixels, ~0.4 ms for 1024x1024)."""
     with open(path, 'rb') as f:
         img = Image.open(f)
-        return img.convert('RGB')
+        img.load()
+        return img if img.mode == 'RGB' else img.convert('RGB')
 
 
 def is_image_file(name):
@@ -284,30 +288,133 @@ def shard_indices(n, shuffle, seed, epoch, num_shards=1, shard_id=0):
     return indices
 
 
-class _EpochSource:
-    """Random-access source for GeneratorDataset: position -> (CHW float32, 0-d int32)."""
+class _PassSource:
+    """Random-access source of the persistent pipeline: token -> (CHW float32, 0-d int32 label, 0-d
+    int64 token).
 
-    def __init__(self, dataset, indices, seed, epoch, rank):
-        self.dataset, self.indices = dataset, indices
-        self.seed, self.epoch, self.rank = seed, epoch, rank
+    A token is ``epoch * length + position``. The worker processes are forked once, when the
+    pipeline starts, so they cannot see a later ``set_epoch``; they read each sample's epoch from its
+    token instead and derive the epoch's order themselves (shard_indices is a pure function).
+    Token -1 is a placeholder row of the idle pass a pipeline starts with."""
+
+    def __init__(self, dataset, length, shuffle, shuffle_seed, num_shards, shard_id, seed):
+        self.dataset, self.length = dataset, length
+        self.shuffle, self.shuffle_seed = shuffle, shuffle_seed
+        self.num_shards, self.shard_id, self.seed = num_shards, shard_id, seed
+        self._order_epoch, self._order = None, None
 
     def __len__(self):
-        return len(self.indices)
+        return self.length
 
-    def __getitem__(self, pos):
-        i = self.indices[pos]
-        img, label = self.dataset.load(i, sample_rng(self.seed, self.epoch, self.rank, i))
-        return np.asarray(img, dtype=np.float32), np.array(label, dtype=np.int32)
+    def order(self, epoch):
+        if epoch != self._order_epoch:  # one randperm per epoch per worker
+            self._order = shard_indices(len(self.dataset), self.shuffle, self.shuffle_seed, epoch,
+                                        self.num_shards, self.shard_id)
+            self._order_epoch = epoch
+        return self._order
+
+    def __getitem__(self, token):
+        token = int(token)
+        if token == _IDLE:
+            return np.zeros(1, dtype=np.float32), np.array(0, dtype=np.int32), np.array(_IDLE, dtype=np.int64)
+        epoch, pos = divmod(token, self.length)
+        i = self.order(epoch)[pos]
+        img, label = self.dataset.load(i, sample_rng(self.seed, epoch, self.shard_id, i))
+        return np.asarray(img, dtype=np.float32), np.array(label, dtype=np.int32), np.array(token, dtype=np.int64)
+
+
+_IDLE = -1
+
+
+def _pass_sampler(length):
+    """Sampler of the persistent pipeline: an idle pass, then the tokens of epoch ``.epoch``.
+
+    MindSpore asks for a pass's ids when the pass starts: the first one when the iterator is created
+    (an idle pass: the loader does not know its first epoch yet), each later one synchronously inside
+    the consumer's ``next()`` that pulls the end-of-epoch marker. Loader sets ``.epoch`` just before
+    that, so no pass can start with a stale epoch (and the tokens coming back are checked anyway).
+    (A class built on first use, so that importing this module does not import mindspore.)"""
+    global _PassSampler
+    if _PassSampler is None:
+        import mindspore.dataset as mds
+
+        class _PassSampler(mds.Sampler):
+            def __init__(self, length):
+                super().__init__(num_samples=length)
+                self.length, self.epoch, self.idle = length, None, True
+
+            def __iter__(self):  # a generator: MindSpore's validators call iter() without iterating
+                # Sampler.get_indices appends one list per pass to batch_sizes, which only batch
+                # samplers ever pop: drop the old ones or a long run grows by `length` per epoch.
+                del self.batch_sizes[:]
+                if self.idle:  # the first pass, whenever MindSpore's thread gets to it; MindSpore
+                    self.idle = False  # wants `length` rows every pass: cheap placeholder rows
+                    yield from (_IDLE for _ in range(self.length))
+                    return
+                base = self.epoch * self.length
+                yield from range(base, base + self.length)
+
+            def __deepcopy__(self, memo):  # MindSpore copies the tree; the copy must be this object
+                return self
+    return _PassSampler(length)
+
+
+_PassSampler = None
+
+
+class _Pipeline:
+    """One GeneratorDataset -> batch -> iterator(num_epochs=-1), alive across epochs.
+
+    Its worker processes are forked when it is built (by create_loader, i.e. before training has
+    allocated gradients, optimizer state and graph memory), never again: a forked worker keeps the
+    pre-fork copy of every page the trainer later rewrites, so forking late would pin that memory."""
+
+    def __init__(self, loader, key, length):
+        import mindspore.dataset as mds
+
+        self.key, self.length = key, length
+        self.sampler = _pass_sampler(length)
+        source = _PassSource(loader.dataset, length, loader.shuffle, loader.shuffle_seed,
+                             loader.num_shards, loader.shard_id, loader.seed)
+        ds = mds.GeneratorDataset(source, column_names=['image', 'label', 'token'], sampler=self.sampler,
+                                  num_parallel_workers=loader.num_workers,
+                                  python_multiprocessing=loader.num_workers > 1)
+        ds = ds.batch(loader.batch_size, drop_remainder=loader.drop_last)
+        self.it = ds.create_tuple_iterator(output_numpy=True, num_epochs=-1)  # starts the idle pass
+        self.at_pass_end = True  # every batch of the current pass has been handed out
+
+    def start_pass(self, epoch):
+        """Begin the next pass for ``epoch``; False if the pipeline is not where it should be."""
+        if not self.at_pass_end:
+            return False  # the previous pass was abandoned midway: its batches are still queued
+        self.sampler.epoch = epoch
+        self.at_pass_end = False
+        while True:  # what is left must be idle placeholders and the end-of-epoch marker
+            try:
+                _, _, tokens = next(self.it)  # pulling the marker makes MindSpore start the next pass
+            except StopIteration:
+                return True
+            if not np.all(tokens == _IDLE):
+                return False
+
+    def stop(self):
+        self.it.stop()  # stops the C++ tree and its worker processes
 
 
 class Loader:
     """Iterates ``(images float32 (B,3,H,W), labels int32 (B,))`` numpy batches for one epoch.
 
     Call ``set_epoch(e)`` before each epoch (as DistributedSampler.set_epoch) for a new shuffle
-    and new augmentations; the order depends only on (shuffle_seed, epoch), never on the rank."""
+    and new augmentations; the order depends only on (shuffle_seed, epoch), never on the rank.
+
+    One MindSpore pipeline (and its worker processes) is started here, idle until the first
+    iteration, and reused by every epoch; ``close()`` (or garbage collection) stops it, a later
+    iteration starts a new one. One pass at a time: starting a new iteration abandons an unfinished
+    one. Same batches as loading ``indices()`` one by one with ``sample_rng`` (tested)."""
 
     def __init__(self, dataset, batch_size, shuffle, drop_last, num_workers, seed=0,
                  num_shards=None, shard_id=None, shuffle_seed=None):
+        self._pipe = None
         self.dataset, self.batch_size = dataset, int(batch_size)
         self.shuffle, self.drop_last = bool(shuffle), bool(drop_last)
         self.num_workers = max(1, min(int(num_workers or 1), os.cpu_count() or 1))
@@ -318,6 +425,8 @@ class Loader:
         if not 0 <= self.shard_id < self.num_shards:
             raise ValueError(f'shard_id {shard_id} not in [0, {self.num_shards})')
         self.epoch = 0
+        if len(self) > 0:
+            self._pipeline(start=False)  # fork the workers now, while the process is small
 
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
@@ -335,16 +444,58 @@ class Loader:
         return n // self.batch_size if self.drop_last else int(math.ceil(n / self.batch_size))
 
     def __iter__(self):
-        import mindspore.dataset as mds
-
-        source = _EpochSource(self.dataset, self.indices(), self.seed, self.epoch, self.shard_id)
-        if len(source) == 0 or len(self) == 0:
+        if len(self) == 0:
             return iter(())
-        ds = mds.GeneratorDataset(source, column_names=['image', 'label'], shuffle=False,
-                                  num_parallel_workers=self.num_workers,
-                                  python_multiprocessing=self.num_workers > 1)
-        ds = ds.batch(self.batch_size, drop_remainder=self.drop_last)
-        return (tuple(b) for b in ds.create_tuple_iterator(output_numpy=True, num_epochs=1))
+        return self._batches()
+
+    def _pass_length(self):
+        # With drop_last the remainder is never loaded (as torch's BatchSampler), not loaded and dropped.
+        return len(self) * self.batch_size if self.drop_last else self.num_samples()
+
+    def _pipeline(self, start=True):
+        """The pipeline, with a pass for ``self.epoch`` started if ``start``. Rebuilt if the dataset
+        changed (subsample/scan_images replace ``.samples``) or the last pass was cut short."""
+        key = (len(self.dataset), id(getattr(self.dataset, 'samples', None)), self._pass_length())
+        if self._pipe is not None and self._pipe.key != key:
+            self.close()
+        if self._pipe is None:
+            self._pipe = _Pipeline(self, key, key[2])
+        if start and not self._pipe.start_pass(self.epoch):
+            self.close()
+            self._pipe = _Pipeline(self, key, key[2])
+            if not self._pipe.start_pass(self.epoch):
+                raise RuntimeError('a new data pipeline did not start at its idle pass; this is a bug, please report it')
+        return self._pipe
+
+    def _batches(self):
+        pipe = self._pipeline()
+        length, bs, n_batches = pipe.length, self.batch_size, len(self)
+        base = self.epoch * length
+        for k in range(n_batches):
+            try:
+                images, labels, tokens = next(pipe.it)
+            except StopIteration:
+                tokens = None
+            want = np.arange(base + k * bs, base + min((k + 1) * bs, length), dtype=np.int64)
+            if tokens is None or not np.array_equal(tokens, want):
+                self.close()
+                raise RuntimeError(f'data pipeline out of step at epoch {self.epoch}, batch {k}: expected '
+                                   f'samples {want[0] - base}..{want[-1] - base}; this is a bug, please report it')
+            if k == n_batches - 1:
+                pipe.at_pass_end = True
+            yield images, labels
+
+    def close(self):
+        """Stop the pipeline and its worker processes (a later iteration starts a new one)."""
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            pipe.stop()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: MindSpore may already be torn down
+            pass
 
 
 def create_loader(dataset, batch_size, shuffle, drop_last, num_workers, seed=0,

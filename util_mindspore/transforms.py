@@ -19,9 +19,32 @@ IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 
 # ---------------------------------------------------------------- shared pieces
+def _normalize_lut(mean, std):
+    """(C, 256) float32 table of ``(v / 255 - mean) / std`` for every uint8 value v, computed with
+    the same float32 operations as the direct formula, so a lookup gives bit-identical results."""
+    key = (tuple(mean), tuple(std))
+    lut = _LUTS.get(key)
+    if lut is None:
+        v = np.arange(256, dtype=np.uint8).astype(np.float32)[None, :] / np.float32(255.0)
+        m = np.asarray(mean, dtype=np.float32).reshape(-1, 1)
+        s = np.asarray(std, dtype=np.float32).reshape(-1, 1)
+        lut = _LUTS[key] = np.ascontiguousarray((v - m) / s, dtype=np.float32)
+    return lut
+
+
+_LUTS = {}
+
+
 def to_tensor_normalize(img, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
     """torchvision ToTensor + Normalize in float32: (uint8/255 - mean) / std, HWC -> CHW."""
     x = np.asarray(img, dtype=np.uint8)
+    if x.ndim == 3 and x.shape[2] == len(mean) == len(std):
+        # Table lookup per channel: same bits as the formula below, ~2x faster (one pass, no temporaries).
+        lut = _normalize_lut(mean, std)
+        out = np.empty((x.shape[2],) + x.shape[:2], dtype=np.float32)
+        for c in range(x.shape[2]):
+            np.take(lut[c], x[:, :, c], out=out[c])
+        return out
     if x.ndim == 2:
         x = x[:, :, None]
     x = x.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
