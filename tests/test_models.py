@@ -200,3 +200,13 @@ def test_full_vit_large_logits_match_original(global_pool):
     m.set_train(False)
     out = m(ms.Tensor(x.numpy())).asnumpy()
     assert _max_abs(out, ref) <= 1e-5
+
+
+def test_exact_gelu_paths_agree():
+    """CPU uses the erf composition, GPU/Ascend the fused kernel: both are torch's exact GELU."""
+    from math import erf
+    xs = np.linspace(-6, 6, 241).astype(np.float32)
+    exact = np.array([0.5 * v * (1 + erf(v / np.sqrt(2))) for v in xs.astype(np.float64)])
+    for composed in (True, False):
+        got = models.ExactGELU(composed=composed)(ms.Tensor(xs)).asnumpy()
+        assert np.max(np.abs(got - exact)) < 1e-6, composed

@@ -1,0 +1,460 @@
+# --------------------------------------------------------
+# Model benchmark: our MindSpore ViT train step and eval forward beside the PyTorch original's
+# (timm 0.9.16 VisionTransformer as RETFound builds it + torch.optim.AdamW with layer decay).
+# Written for this port; the torch side runs tests/original_reference.py (timm's own classes).
+# --------------------------------------------------------
+"""Train-step and eval images/s, first-step (compile) time and peak RSS, ours vs the original.
+
+Every configuration (backend x model x train/eval x precision x batch) runs in its own child
+process, so peak RSS is that configuration's alone (``ru_maxrss`` of the child, cross-checked by
+the parent polling ``/proc/<pid>/status``). The parent kills a child above ``--mem_limit_gb`` or
+``--timeout`` and records it as OOM/timeout. Configurations are interleaved (torch, ours, ours,
+torch, ...) over ``--repeats`` rounds so both see the same background load; medians are reported.
+
+    .venv/bin/python bench/bench_model.py --quick          # ViT-B/16 only, few steps (~15 min)
+    .venv/bin/python bench/bench_model.py                  # ViT-B/16 and ViT-L/16 (~1.5 h on 2 cores)
+
+The table is printed and written to bench/RESULTS.md (``--out``). Data-pipeline images/s come
+from bench/bench_data.py when its results file exists (see ``data_pipeline_rows``).
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# name -> (our factory, embed_dim, depth, num_heads)
+MODELS = {
+    'vit_base_patch16': ('vit_base_patch16', 768, 12, 12),
+    'vit_large_patch16': ('vit_large_patch16', 1024, 24, 16),
+}
+IMG, PATCH, NUM_CLASSES, DROP_PATH = 224, 16, 5, 0.2  # RETFound fine-tune defaults (drop_path 0.2)
+LAYER_DECAY, WEIGHT_DECAY, LR = 0.65, 0.05, 5e-4
+
+
+# ---------------------------------------------------------------------------
+# FLOPs and machine
+# ---------------------------------------------------------------------------
+def vit_flops_per_image(embed_dim, depth, img=IMG, patch=PATCH, mlp_ratio=4):
+    """Forward multiply-adds x 2 of the GEMMs (patch embed, qkv, attention, proj, MLP, head)."""
+    n = (img // patch) ** 2 + 1
+    d = embed_dim
+    per_block = 2 * n * d * (3 * d + d + 2 * mlp_ratio * d) + 2 * 2 * n * n * d
+    return depth * per_block + 2 * (n - 1) * (3 * patch * patch) * d + 2 * d * NUM_CLASSES
+
+
+def machine_info():
+    cpu = platform.processor() or '?'
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    cpu = line.split(':', 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    ram = 0.0
+    try:
+        with open('/proc/meminfo') as f:
+            ram = int(f.readline().split()[1]) / 2 ** 20
+    except OSError:
+        pass
+    return {'cpu': cpu, 'cores': os.cpu_count(), 'ram_gb': ram, 'date': datetime.date.today().isoformat()}
+
+
+def load_average():
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float('nan')
+
+
+# ---------------------------------------------------------------------------
+# Workers (run in a child process: ``bench_model.py --worker JSON``)
+# ---------------------------------------------------------------------------
+def _peak_rss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kB on Linux
+
+
+def worker_sgemm(cfg):
+    """Best-of GFLOP/s of a large fp32 matmul (numpy's BLAS and torch's)."""
+    import numpy as np
+    n = cfg.get('n', 4096)
+    a = np.random.rand(n, n).astype(np.float32)
+    b = np.random.rand(n, n).astype(np.float32)
+    best = {}
+    a @ b
+    t = []
+    for _ in range(3):
+        s = time.perf_counter()
+        a @ b
+        t.append(time.perf_counter() - s)
+    best['numpy'] = 2 * n ** 3 / min(t) / 1e9
+    try:
+        import torch
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        ta @ tb
+        t = []
+        for _ in range(3):
+            s = time.perf_counter()
+            ta @ tb
+            t.append(time.perf_counter() - s)
+        best['torch'] = 2 * n ** 3 / min(t) / 1e9
+    except ImportError:
+        pass
+    return best
+
+
+def _inputs(batch, seed=0):
+    import numpy as np
+    rs = np.random.RandomState(seed)
+    x = rs.standard_normal((batch, 3, IMG, IMG)).astype(np.float32)
+    y = rs.randint(0, NUM_CLASSES, (batch,)).astype(np.int64)
+    return x, y
+
+
+def _timed(fn, steps):
+    """(first call seconds, list of the following call seconds)."""
+    s = time.perf_counter()
+    fn()
+    first = time.perf_counter() - s
+    times = []
+    for _ in range(steps):
+        s = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - s)
+    return first, times
+
+
+def worker_ms(cfg):
+    import numpy as np
+    import mindspore as ms
+    ms.set_device('CPU')
+    ms.set_context(mode=ms.PYNATIVE_MODE if cfg.get('ms_mode') == 'pynative' else ms.GRAPH_MODE)
+    for k, v in cfg.get('ms_context', {}).items():  # experiments: e.g. {"memory_optimize_level": "O1"}
+        ms.set_context(**{k: v})
+    import models_vit_mindspore as models
+    np.random.seed(0)
+    factory = MODELS[cfg['model']][0]
+    model = getattr(models, factory)(img_size=IMG, num_classes=NUM_CLASSES, drop_path_rate=DROP_PATH,
+                                     global_pool=True)
+    if cfg.get('ms_recompute'):
+        for blk in model.blocks:
+            blk.recompute()
+    x, y = _inputs(cfg['batch'])
+    loss_scaler = None
+    if cfg['precision'] == 'fp16':
+        from util_mindspore.optim import LossScaler
+        ms.amp.auto_mixed_precision(model, cfg.get('amp_level', 'O2'), dtype=ms.float16)
+        loss_scaler = LossScaler()
+    elif cfg['precision'] == 'bf16':
+        ms.amp.auto_mixed_precision(model, cfg.get('amp_level', 'O2'), dtype=ms.bfloat16)
+    if cfg['task'] == 'train':
+        from util_mindspore.lr_decay import param_groups_lrd
+        from util_mindspore.optim import AdamW
+        from engine_finetune_mindspore import Stepper
+        model.set_train(True)
+        opt = AdamW(param_groups_lrd(model, WEIGHT_DECAY, model.no_weight_decay(), LAYER_DECAY), lr=LR)
+        stepper = Stepper(model, opt, accum_iter=1, clip_grad=cfg.get('clip_grad'), loss_scaler=loss_scaler)
+        y = y.astype(np.int32)
+
+        def step():
+            return float(stepper(x, y, LR).asnumpy())
+    else:
+        model.set_train(False)
+        xt = ms.Tensor(x)
+
+        def step():
+            return model(xt).asnumpy()
+    first, times = _timed(step, cfg['steps'])
+    return {'first_s': first, 'times': times, 'peak_rss_gb': _peak_rss_gb()}
+
+
+def worker_torch(cfg):
+    import torch
+    from tests.original_reference import retfound_vit, lr_decay_param_groups
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    _, dim, depth, heads = MODELS[cfg['model']]
+    model = retfound_vit(global_pool=True, img_size=IMG, patch_size=PATCH, embed_dim=dim, depth=depth,
+                         num_heads=heads, num_classes=NUM_CLASSES, drop_path_rate=DROP_PATH)
+    x, y = _inputs(cfg['batch'])
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    bf16 = cfg['precision'] == 'bf16'
+    if cfg['task'] == 'train':
+        model.train(True)
+        groups = lr_decay_param_groups(model, WEIGHT_DECAY, model.no_weight_decay(), LAYER_DECAY)
+        for g in groups:
+            g['lr'] = LR * g['lr_scale']  # what util/lr_sched.adjust_learning_rate sets
+        opt = torch.optim.AdamW(groups, lr=LR)
+        criterion = torch.nn.CrossEntropyLoss()
+        clip = cfg.get('clip_grad')
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def step():
+            # engine_finetune.py train_one_epoch + misc.NativeScalerWithGradNormCount on CPU (scaler
+            # disabled): forward, loss, backward, clip or grad norm, step, zero_grad.
+            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+                loss = criterion(model(x), y)
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            else:
+                torch.norm(torch.stack([torch.norm(p.grad.detach(), 2.0) for p in params]), 2.0)
+            opt.step()
+            opt.zero_grad()
+            return loss.item()
+    else:
+        model.eval()
+
+        def step():
+            with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+                return model(x).float().numpy()
+    first, times = _timed(step, cfg['steps'])
+    return {'first_s': first, 'times': times, 'peak_rss_gb': _peak_rss_gb()}
+
+
+def run_worker(cfg):
+    fn = {'ms': worker_ms, 'torch': worker_torch, 'sgemm': worker_sgemm}[cfg['backend']]
+    try:
+        out = fn(cfg)
+        out['ok'] = True
+    except Exception as e:  # reported in the table as "error", the message kept in the JSON
+        out = {'ok': False, 'error': f'{type(e).__name__}: {str(e)[:300]}', 'peak_rss_gb': _peak_rss_gb()}
+    print('RESULT ' + json.dumps(out), flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Parent: run one configuration in a child with a timeout and a memory guard
+# ---------------------------------------------------------------------------
+def _tree_rss_gb(pid):
+    """RSS of pid and its descendants (GiB), from /proc."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            with open(f'/proc/{p}/status') as f:
+                for line in f:
+                    if line.startswith('VmRSS:'):
+                        total += int(line.split()[1])
+            with open(f'/proc/{p}/task/{p}/children') as f:
+                stack.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError):
+            pass
+    return total / 2 ** 20
+
+
+def run_child(cfg, timeout, mem_limit_gb, verbose=True):
+    env = dict(os.environ, PYTHONWARNINGS='ignore', GLOG_v='3')
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--worker', json.dumps(cfg)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    t0, polled, status = time.time(), 0.0, None
+    while proc.poll() is None:
+        time.sleep(0.25)
+        polled = max(polled, _tree_rss_gb(proc.pid))
+        if polled > mem_limit_gb:
+            status = f'OOM>{mem_limit_gb:g}GB'
+        elif time.time() - t0 > timeout:
+            status = f'timeout>{timeout:g}s'
+        if status:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            break
+    out = proc.stdout.read()
+    res = None
+    for line in out.splitlines():
+        if line.startswith('RESULT '):
+            res = json.loads(line[7:])
+    if res is None:
+        res = {'ok': False, 'error': status or f'exit {proc.returncode}: {out[-300:]}'}
+    res['polled_rss_gb'] = polled
+    res['wall_s'] = time.time() - t0
+    res['load'] = load_average()
+    if verbose:
+        brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items() if k != 'times'}
+        if res.get('times'):
+            brief['step_s'] = [round(t, 2) for t in res['times']]
+        print(f"  {cfg['backend']:5s} {cfg['model']} {cfg['task']} {cfg['precision']} b{cfg['batch']}: {brief}",
+              flush=True)
+    return res
+
+
+# ---------------------------------------------------------------------------
+# Table
+# ---------------------------------------------------------------------------
+def data_pipeline_rows():
+    """Hook for bench/bench_data.py (written separately): if it left a results file
+    (bench/data_results.json: a list of {"pipeline", "ours", "torch"} images/s rows) or exposes
+    ``load_results()``, its rows are added to the table; otherwise a pointer is printed."""
+    path = os.path.join(ROOT, 'bench', 'data_results.json')
+    try:
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        sys.path.insert(0, os.path.join(ROOT, 'bench'))
+        import bench_data
+        if hasattr(bench_data, 'load_results'):
+            return bench_data.load_results()
+    except Exception as e:  # the data benchmark is optional here
+        print(f'(data pipeline results not read: {e})')
+    return None
+
+
+def _fmt(v, f='{:.2f}'):
+    return '—' if v is None else f.format(v)
+
+
+def summarise(results, peak_gflops):
+    """results: {(model, task, precision, batch): {'torch': [res...], 'ms-graph': [...], ...}} -> rows,
+    one per MindSpore mode, each against the same torch runs."""
+    rows = []
+    for (model, task, prec, batch), by_all in results.items():
+        dim, depth = MODELS[model][1], MODELS[model][2]
+        flops = vit_flops_per_image(dim, depth) * (3 if task == 'train' else 1)
+        for ms_key in sorted(k for k in by_all if k.startswith('ms-')):
+            by = {'ms': by_all[ms_key], 'torch': by_all.get('torch', [])}
+            row = {'model': model, 'task': task, 'precision': prec, 'batch': batch, 'mode': ms_key[3:],
+                   'prec_names': (by['ms'][0].get('precision', ''),
+                                  by['torch'][0].get('precision', '') if by['torch'] else '')}
+            for be in ('ms', 'torch'):
+                runs = [r for r in by[be] if r.get('ok')]
+                if not runs:
+                    errs = [r.get('error', '?') for r in by[be]]
+                    row[be] = {'error': errs[0][:60] if errs else 'not run'}
+                    continue
+                step = statistics.median(statistics.median(r['times']) for r in runs)
+                ips = batch / step
+                row[be] = {'ips': ips, 'first_s': statistics.median(r['first_s'] for r in runs),
+                           'step_s': step, 'rss': max(max(r['peak_rss_gb'], r['polled_rss_gb']) for r in runs),
+                           'peak_frac': ips * flops / 1e9 / peak_gflops if peak_gflops else None,
+                           'runs_ips': [batch / statistics.median(r['times']) for r in runs]}
+            rows.append(row)
+    return rows
+
+
+def render(rows, machine, sgemm, args, data_rows, notes):
+    peak = max(sgemm.values()) if sgemm else None
+    lines = [f"# Model benchmark: MindSpore port vs PyTorch original (timm {args.timm_version})", '',
+             f"- Machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gb']:.1f} GiB RAM; "
+             f"date {machine['date']}; MindSpore {args.ms_version}, torch {args.torch_version}.",
+             f"- fp32 matmul peak (4096^3 sgemm, best of): " +
+             ', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in sgemm.items()) + '.',
+             f"- Mode: {'--quick' if args.quick else 'full'}; {args.repeats} interleaved round(s); "
+             f"{args.steps} timed steps after the first; load average during runs "
+             f"{args.load_min:.1f}–{args.load_max:.1f} (>{machine['cores']} means other processes competed).",
+             '- images/s = batch / median step time; "first" = first call (MindSpore: includes graph '
+             'compile); RSS = peak resident memory of that configuration\'s own process; '
+             '"% peak" = model GFLOP/s (fwd ≈ GEMM FLOPs, train = 3× fwd) / sgemm peak.', '']
+    lines += ['| model | task | ours mode | prec (ours/orig) | batch | ours img/s | orig img/s | ratio | ours first (s) | '
+              'orig first (s) | ours RSS GB | orig RSS GB | RSS ratio | ours % peak | orig % peak |',
+              '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        o, t = r['ms'], r['torch']
+        if 'error' in o or 'error' in t:
+            lines.append(f"| {r['model']} | {r['task']} | {r['mode']} | {'/'.join(r['prec_names'])} | {r['batch']} | "
+                         f"{_fmt(o.get('ips'))} {o.get('error', '')} | {_fmt(t.get('ips'))} {t.get('error', '')} | "
+                         f"— | {_fmt(o.get('first_s'), '{:.1f}')} | {_fmt(t.get('first_s'), '{:.1f}')} | "
+                         f"{_fmt(o.get('rss'), '{:.1f}')} | {_fmt(t.get('rss'), '{:.1f}')} | — | — | — |")
+            continue
+        lines.append(f"| {r['model']} | {r['task']} | {r['mode']} | {'/'.join(r['prec_names'])} | {r['batch']} | {o['ips']:.2f} | "
+                     f"{t['ips']:.2f} | **{o['ips'] / t['ips']:.2f}** | {o['first_s']:.1f} | {t['first_s']:.1f} | "
+                     f"{o['rss']:.1f} | {t['rss']:.1f} | **{o['rss'] / t['rss']:.2f}** | "
+                     f"{_fmt(o['peak_frac'] and 100 * o['peak_frac'], '{:.0f}%')} | "
+                     f"{_fmt(t['peak_frac'] and 100 * t['peak_frac'], '{:.0f}%')} |")
+    lines.append('')
+    if data_rows:
+        lines += ['Data pipeline (from bench/bench_data.py):', '',
+                  '| pipeline | ours img/s | orig img/s | ratio |', '|---|---|---|---|']
+        for d in data_rows:
+            lines.append(f"| {d['pipeline']} | {d['ours']:.1f} | {d['torch']:.1f} | {d['ours'] / d['torch']:.2f} |")
+    else:
+        lines.append('Data pipeline images/s: run `bench/bench_data.py` (no results file found).')
+    lines += [''] + notes
+    return '\n'.join(lines) + '\n'
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--worker', help=argparse.SUPPRESS)
+    p.add_argument('--quick', action='store_true', help='ViT-B/16 only, fewer steps')
+    p.add_argument('--models', default=None, help='comma list (default: ViT-B; full mode adds ViT-L)')
+    p.add_argument('--batch_base', type=int, default=8)
+    p.add_argument('--batch_large', type=int, default=8)
+    p.add_argument('--eval_batch', type=int, default=16)
+    p.add_argument('--steps', type=int, default=None, help='timed steps after the first (quick 3, full 4)')
+    p.add_argument('--repeats', type=int, default=None, help='interleaved rounds (quick 1, full 2)')
+    p.add_argument('--precisions', default='fp32,fast', help="'fast' = torch bf16 autocast / MindSpore fp16 O2")
+    p.add_argument('--tasks', default='train,eval')
+    p.add_argument('--ms_modes', default='graph,pynative',
+                   help='MindSpore execution modes to time (each against the same torch runs)')
+    p.add_argument('--timeout', type=float, default=1500, help='seconds per configuration')
+    p.add_argument('--mem_limit_gb', type=float, default=20.0)
+    p.add_argument('--out', default=os.path.join(ROOT, 'bench', 'RESULTS.md'))
+    p.add_argument('--json', default=None, help='also dump raw results here')
+    args = p.parse_args()
+    if args.worker:
+        run_worker(json.loads(args.worker))
+        return
+    models = args.models.split(',') if args.models else (
+        ['vit_base_patch16'] if args.quick else ['vit_base_patch16', 'vit_large_patch16'])
+    args.steps = args.steps or (3 if args.quick else 4)
+    args.repeats = args.repeats or (1 if args.quick else 2)
+    import importlib.metadata as md
+    args.ms_version, args.torch_version, args.timm_version = (md.version(n) for n in ('mindspore', 'torch', 'timm'))
+    machine = machine_info()
+    loads = [load_average()]
+    print(f"machine: {machine}, load {loads[0]:.1f}", flush=True)
+    sg = run_child({'backend': 'sgemm', 'model': '-', 'task': '-', 'precision': 'fp32', 'batch': 0},
+                   300, args.mem_limit_gb)
+    sgemm = {k: v for k, v in sg.items() if k in ('numpy', 'torch')}
+    peak = max(sgemm.values()) if sgemm else None
+
+    configs = []
+    for m in models:
+        for task in args.tasks.split(','):
+            for prec in args.precisions.split(','):
+                batch = args.eval_batch if task == 'eval' else (
+                    args.batch_large if m == 'vit_large_patch16' else args.batch_base)
+                configs.append((m, task, prec, batch))
+    results = {}
+    for rnd in range(args.repeats):
+        for i, (m, task, prec, batch) in enumerate(configs):
+            order = ('torch', 'ms') if (rnd + i) % 2 == 0 else ('ms', 'torch')
+            for be in order:
+                precision = prec if prec == 'fp32' else ('bf16' if be == 'torch' else 'fp16')
+                key = (m, task, prec, batch)
+                cfg = {'backend': be, 'model': m, 'task': task, 'precision': precision, 'batch': batch,
+                       'steps': args.steps}
+                for mode in (args.ms_modes.split(',') if be == 'ms' else ['-']):
+                    if be == 'ms':
+                        cfg['ms_mode'] = mode
+                    res = run_child(cfg, args.timeout, args.mem_limit_gb)
+                    res['precision'] = precision
+                    results.setdefault(key, {}).setdefault(be if be == 'torch' else f'ms-{mode}', []).append(res)
+                    loads.append(res['load'])
+    args.load_min, args.load_max = min(loads), max(loads)
+    rows = summarise(results, peak)
+    notes = ['"fast" precision: torch = `torch.autocast("cpu", dtype=torch.bfloat16)` (the CPU has avx512_bf16); '
+             'MindSpore = float16 `auto_mixed_precision(O2)` + dynamic loss scaling (2.10 has no CPU bf16 kernels).']
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump({'machine': machine, 'sgemm': sgemm,
+                       'results': {'|'.join(map(str, k)): v for k, v in results.items()}}, f, indent=1)
+    table = render(rows, machine, sgemm, args, data_pipeline_rows(), notes)
+    print('\n' + table)
+    with open(args.out, 'w') as f:
+        f.write(table)
+    print(f'written to {args.out}')
+
+
+if __name__ == '__main__':
+    main()
