@@ -91,8 +91,9 @@ def test_groups_and_effective_lr_equal_original():
 
 
 @pytest.mark.torch
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_kernel", "composed"])
 @pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE], ids=["pynative", "graph"])
-def test_three_adamw_steps_equal_torch(mode):
+def test_three_adamw_steps_equal_torch(mode, fused):
     import torch
     from tests.original_reference import retfound_vit, lr_decay_param_groups, randomize_, state_dict_numpy
     tm = randomize_(retfound_vit(global_pool=True, num_classes=3, img_size=32, patch_size=8, embed_dim=32,
@@ -101,7 +102,7 @@ def test_three_adamw_steps_equal_torch(mode):
     topt = torch.optim.AdamW(tgroups, lr=1e-3)
     with ms_mode(mode):
         m = load_numpy_state(tiny_vit(global_pool=True), state_dict_numpy(tm))
-        opt = AdamW(param_groups_lrd(m, 0.05, m.no_weight_decay(), 0.65), lr=1e-3)
+        opt = AdamW(param_groups_lrd(m, 0.05, m.no_weight_decay(), 0.65), lr=1e-3, fused=fused)
         rng = np.random.default_rng(0)
         for step, lr in enumerate([1e-3, 5e-4, 2e-3]):
             grads = {n: rng.standard_normal(p.shape).astype(np.float32) for n, p in tm.named_parameters()}
