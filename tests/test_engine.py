@@ -221,3 +221,20 @@ def test_linear_probe_trains_only_the_head():
         after = _params(m)
     changed = sorted(k for k in after if not np.array_equal(after[k], before[k]))
     assert changed == ["head.bias", "head.weight"]
+
+
+def test_changing_the_learning_rate_does_not_recompile():
+    """The LR is a tensor input of the step graph: one compiled graph for every LR value.
+    Negative control: a new input shape does compile a second graph, so the count can move."""
+    rng = np.random.default_rng(7)
+    x = ms.Tensor(rng.standard_normal((4, 3, 32, 32)).astype(np.float32))
+    y = ms.Tensor(rng.integers(0, 3, 4).astype(np.int32))
+    with ms_mode(ms.GRAPH_MODE):
+        m, o = _model_and_opt()
+        m.set_train(True)
+        s = Stepper(m, o)
+        for lr in (1e-3, 2e-3, 5e-4, 0.0):
+            s(x.asnumpy(), y.asnumpy(), lr)
+        assert len(s.train_step._compile_cache) == 1
+        s(x.asnumpy()[:2], y.asnumpy()[:2], 1e-3)
+        assert len(s.train_step._compile_cache) == 2
