@@ -148,13 +148,14 @@ class DropPath(nn.Cell):
     def __init__(self, drop_prob=0.):
         super().__init__()
         self.keep_prob = 1.0 - drop_prob
-        self.uniform = ops.UniformReal()
 
     def construct(self, x):
         if not self.training:
             return x
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        mask = ops.floor(self.keep_prob + self.uniform(shape))
+        # timm: bernoulli_(keep_prob). ops.bernoulli has CPU/GPU/Ascend kernels; UniformReal is
+        # deprecated in 2.10 and its suggested replacement mint.rand has no CPU kernel.
+        mask = ops.bernoulli(ops.ones(shape, x.dtype), p=self.keep_prob)
         # timm computes x.div(keep_prob) * mask; scaling the (B, 1, 1) mask first is the same
         # value up to one rounding and makes one full-size temporary instead of two.
         return x * (mask / self.keep_prob)
