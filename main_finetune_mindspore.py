@@ -221,7 +221,10 @@ def main(args):
 
     # ---- Resume (training): the original replaces args with the checkpoint's args
     if args.resume and not args.eval:
-        saved = misc.read_checkpoint_args(args.resume)
+        try:
+            saved = misc.read_checkpoint_args(args.resume)
+        except (misc.CheckpointError, WeightLoadError) as e:
+            raise SystemExit(f"--resume: {e}")
         if saved:
             resume_path = args.resume
             for k, v in saved.items():

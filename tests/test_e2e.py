@@ -261,3 +261,13 @@ class SimpleArgs:
                         resplit=False, dataratio="1.0", stratified=False, seed=0)
         defaults.update(kw)
         self.__dict__.update(defaults)
+
+
+def test_training_resume_from_a_missing_or_corrupt_checkpoint(tmp_path):
+    root = _make_tree(tmp_path / "d")
+    msg = _bad(tmp_path, root, extra=["--resume", str(tmp_path / "gone" / "checkpoint-latest.ckpt")])
+    assert msg.startswith("--resume:") and "not found" in msg
+    bad = tmp_path / "checkpoint-latest.ckpt"
+    bad.write_bytes(b"half a checkpoint")
+    msg = _bad(tmp_path, root, extra=["--resume", str(bad)])
+    assert msg.startswith("--resume:") and "truncated" in msg
