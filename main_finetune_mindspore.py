@@ -156,7 +156,10 @@ def build_model(args):
             raise SystemExit(f"--model {args.model} is built at 224x224 as in the original "
                              f"(timm.create_model(..., img_size=224)); pass --input_size 224 "
                              f"(got {args.input_size})")
-        return getattr(models, args.model)(args=args, **common)
+        try:
+            return getattr(models, args.model)(args=args, **common)
+        except ValueError as e:  # e.g. the original's default --model_arch dinov3_vits16 with --model Dinov2
+            raise SystemExit(f"--model {args.model}: {e}")
     if args.model == "Dinov3":
         raise SystemExit("--model Dinov3 is not ported yet (the original loads it with torch.hub); "
                          "use RETFound_mae, RETFound_dinov2 or Dinov2")

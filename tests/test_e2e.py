@@ -271,3 +271,10 @@ def test_training_resume_from_a_missing_or_corrupt_checkpoint(tmp_path):
     bad.write_bytes(b"half a checkpoint")
     msg = _bad(tmp_path, root, extra=["--resume", str(bad)])
     assert msg.startswith("--resume:") and "truncated" in msg
+
+
+def test_dinov2_needs_a_dinov2_model_arch(tmp_path):
+    root = _make_tree(tmp_path / "d")
+    msg = _main_exit(["--model", "Dinov2", "--input_size", "224", "--nb_classes", "2", "--device", "CPU",
+                      "--data_path", str(root), "--output_dir", str(tmp_path / "o")])
+    assert "dinov3_vits16" in msg and "dinov2_vitl14" in msg
