@@ -237,7 +237,13 @@ def main(args):
 
     # the device comes first: communication.init() picks mccl/nccl/hccl from it
     device = _resolve_device(args.device)
-    ms.set_device(device)
+    try:
+        ms.set_device(device)
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+        raise SystemExit(f"--device {device}: this MindSpore installation cannot use it ({first}). Install the "
+                         f"MindSpore {ms.__version__} build for your {device} (https://www.mindspore.cn/install) "
+                         f"or pass --device CPU.")
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
     misc.init_distributed_mode(args)
     print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")

@@ -278,3 +278,14 @@ def test_dinov2_needs_a_dinov2_model_arch(tmp_path):
     msg = _main_exit(["--model", "Dinov2", "--input_size", "224", "--nb_classes", "2", "--device", "CPU",
                       "--data_path", str(root), "--output_dir", str(tmp_path / "o")])
     assert "dinov3_vits16" in msg and "dinov2_vitl14" in msg
+
+
+def test_unavailable_device_is_a_clear_error(tmp_path):
+    probe = subprocess.run([sys.executable, "-c", "import mindspore as ms; ms.set_device('GPU')"],
+                           capture_output=True, text=True, timeout=120)
+    if probe.returncode == 0:
+        pytest.skip("this MindSpore build can use a GPU")
+    root = _make_tree(tmp_path / "d")
+    msg = _main_exit(["--device", "GPU", "--data_path", str(root), "--nb_classes", "2",
+                      "--output_dir", str(tmp_path / "o")])
+    assert msg.startswith("--device GPU:") and "--device CPU" in msg
