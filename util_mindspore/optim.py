@@ -13,18 +13,26 @@ from mindspore import nn, ops, Parameter, ParameterTuple, Tensor
 _adamw = ops.MultitypeFuncGraph("retfound_adamw")
 
 
-@_adamw.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
-                 "Tensor", "Tensor", "Tensor")
-def _adamw_update(beta1, beta2, eps, lr, bc1, bc2_sqrt, lr_scale, weight_decay, param, grad, exp_avg, exp_avg_sq):
-    """One parameter's torch AdamW update (torch/optim/adamw.py _single_tensor_adamw order)."""
+def _adamw_candidates(beta1, beta2, eps, lr, bc1, bc2_sqrt, lr_scale, weight_decay, param, grad, exp_avg, exp_avg_sq):
+    """One parameter's torch AdamW step (torch/optim/adamw.py _single_tensor_adamw order):
+    the new (param, exp_avg, exp_avg_sq), not yet assigned."""
     group_lr = lr * lr_scale
     param_decayed = param * (1.0 - group_lr * weight_decay)                # decoupled weight decay
     new_exp_avg = exp_avg + (1.0 - beta1) * (grad - exp_avg)               # exp_avg.lerp_(grad, 1 - beta1)
     new_exp_avg_sq = exp_avg_sq * beta2 + (1.0 - beta2) * grad * grad
     denom = ops.sqrt(new_exp_avg_sq) / bc2_sqrt + eps
+    return param_decayed - (group_lr / bc1) * (new_exp_avg / denom), new_exp_avg, new_exp_avg_sq
+
+
+@_adamw.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+                 "Tensor", "Tensor", "Tensor")
+def _adamw_update(beta1, beta2, eps, lr, bc1, bc2_sqrt, lr_scale, weight_decay, param, grad, exp_avg, exp_avg_sq):
+    """The reference (composed) update, used with fused=False."""
+    new_param, new_exp_avg, new_exp_avg_sq = _adamw_candidates(beta1, beta2, eps, lr, bc1, bc2_sqrt, lr_scale,
+                                                               weight_decay, param, grad, exp_avg, exp_avg_sq)
     ops.assign(exp_avg, new_exp_avg)
     ops.assign(exp_avg_sq, new_exp_avg_sq)
-    ops.assign(param, param_decayed - (group_lr / bc1) * (new_exp_avg / denom))
+    ops.assign(param, new_param)
     return True
 
 
@@ -56,12 +64,8 @@ def _adamw_update_if(keep, beta1, beta2, eps, lr, bc1, bc2_sqrt, lr_scale, weigh
                      exp_avg_sq):
     """The same update, applied only where ``keep`` (loss scaling: skip the step on overflow, as
     torch's GradScaler does); with non-finite grads the discarded candidates are inf/nan."""
-    group_lr = lr * lr_scale
-    param_decayed = param * (1.0 - group_lr * weight_decay)
-    new_exp_avg = exp_avg + (1.0 - beta1) * (grad - exp_avg)
-    new_exp_avg_sq = exp_avg_sq * beta2 + (1.0 - beta2) * grad * grad
-    denom = ops.sqrt(new_exp_avg_sq) / bc2_sqrt + eps
-    new_param = param_decayed - (group_lr / bc1) * (new_exp_avg / denom)
+    new_param, new_exp_avg, new_exp_avg_sq = _adamw_candidates(beta1, beta2, eps, lr, bc1, bc2_sqrt, lr_scale,
+                                                               weight_decay, param, grad, exp_avg, exp_avg_sq)
     ops.assign(exp_avg, ops.where(keep, new_exp_avg, exp_avg))
     ops.assign(exp_avg_sq, ops.where(keep, new_exp_avg_sq, exp_avg_sq))
     ops.assign(param, ops.where(keep, new_param, param))
@@ -99,7 +103,6 @@ class AdamW(nn.Cell):
         self.beta1 = Tensor(betas[0], ms.float32)
         self.beta2 = Tensor(betas[1], ms.float32)
         self.eps = Tensor(eps, ms.float32)
-        self.betas = betas
         self.current_lr = float(lr)
         self.hyper_map = ops.HyperMap()
 
@@ -110,9 +113,6 @@ class AdamW(nn.Cell):
     def group_lrs(self):
         """Effective LR of every parameter at ``current_lr`` (for logging and tests)."""
         return [self.current_lr * s for s in self.scale_values]
-
-    def state_parameters(self):
-        return list(self.exp_avg) + list(self.exp_avg_sq) + [self.step_count]
 
     def _bias_corrections(self, increment):
         step = self.step_count + increment
