@@ -269,7 +269,9 @@ def main(args):
     # ---- Model
     model = build_model(args)
 
-    if args.finetune and not args.eval:
+    # On --resume the checkpoint's full model state replaces every parameter (strictly) below, so the
+    # pre-trained weights are not fetched again (the original re-loads them first: a needless download).
+    if args.finetune and not args.eval and not args.resume:
         print(f"Preparing to load pre-trained weights: {args.finetune}")
         try:
             load_pretrained(model, args.finetune, args.model, cache_dir=args.weights_cache_dir)
