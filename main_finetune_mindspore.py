@@ -266,29 +266,9 @@ def main(args):
     except DatasetError as e:
         raise SystemExit(f"Data error: {e}")
 
-    # ---- Model
-    model = build_model(args)
-
-    # On --resume the checkpoint's full model state replaces every parameter (strictly) below, so the
-    # pre-trained weights are not fetched again (the original re-loads them first: a needless download).
-    if args.finetune and not args.eval and not args.resume:
-        print(f"Preparing to load pre-trained weights: {args.finetune}")
-        try:
-            load_pretrained(model, args.finetune, args.model, cache_dir=args.weights_cache_dir)
-        except WeightLoadError as e:
-            raise SystemExit(f"Pre-trained weights: {e}")
-    elif args.model in ("RETFound_dinov2", "Dinov2") and not args.eval and not args.resume:
-        print("WARNING: the original starts --model %s from timm's ImageNet DINOv2 weights when --finetune "
-              "is empty; this port does not download them. Pass --finetune NAME|PATH to start from "
-              "pre-trained weights; training now starts from random initialisation." % args.model)
-
-    # ---- Per-rank random streams from here on (drop path, Mixup), as the original's seed + rank
-    seed = args.seed + misc.get_rank()
-    ms.set_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-    # ---- Datasets & loaders
+    # ---- Datasets & loaders, before the model: the loaders fork their worker processes now, while
+    # the process is small (a worker forked after the model exists pins a copy-on-write image of
+    # every parameter page the training then rewrites: ~1.2 GB per worker for ViT-L)
     num_tasks, global_rank = misc.get_world_size(), misc.get_rank()
     try:
         datasets = {s: build_dataset(is_train=s, args=args) for s in splits}
@@ -315,6 +295,28 @@ def main(args):
                                    num_workers=args.num_workers, seed=args.seed, **eval_shard)
     loader_test = create_loader(datasets["test"], args.batch_size, shuffle=False, drop_last=False,
                                 num_workers=args.num_workers, seed=args.seed, **eval_shard)
+
+    # ---- Model
+    model = build_model(args)
+
+    # On --resume the checkpoint's full model state replaces every parameter (strictly) below, so the
+    # pre-trained weights are not fetched again (the original re-loads them first: a needless download).
+    if args.finetune and not args.eval and not args.resume:
+        print(f"Preparing to load pre-trained weights: {args.finetune}")
+        try:
+            load_pretrained(model, args.finetune, args.model, cache_dir=args.weights_cache_dir)
+        except WeightLoadError as e:
+            raise SystemExit(f"Pre-trained weights: {e}")
+    elif args.model in ("RETFound_dinov2", "Dinov2") and not args.eval and not args.resume:
+        print("WARNING: the original starts --model %s from timm's ImageNet DINOv2 weights when --finetune "
+              "is empty; this port does not download them. Pass --finetune NAME|PATH to start from "
+              "pre-trained weights; training now starts from random initialisation." % args.model)
+
+    # ---- Per-rank random streams from here on (drop path, Mixup), as the original's seed + rank
+    seed = args.seed + misc.get_rank()
+    ms.set_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
     log_writer = None
     if global_rank == 0 and args.log_dir is not None and not args.eval:

@@ -276,7 +276,8 @@ def test_training_resume_from_a_missing_or_corrupt_checkpoint(tmp_path):
 def test_dinov2_needs_a_dinov2_model_arch(tmp_path):
     root = _make_tree(tmp_path / "d")
     msg = _main_exit(["--model", "Dinov2", "--input_size", "224", "--nb_classes", "2", "--device", "CPU",
-                      "--data_path", str(root), "--output_dir", str(tmp_path / "o")])
+                      "--batch_size", "2", "--num_workers", "1", "--data_path", str(root),
+                      "--output_dir", str(tmp_path / "o")])
     assert "dinov3_vits16" in msg and "dinov2_vitl14" in msg
 
 
