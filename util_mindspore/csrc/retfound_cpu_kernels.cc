@@ -1,0 +1,514 @@
+// --------------------------------------------------------
+// RETFound for MindSpore: fused fp32 CPU kernels for the ViT hot spots, loaded as MindSpore
+// AOT custom operators (ops.Custom(func_type="aot")) by util_mindspore/cpu_kernels.py.
+// Written for this port (docs/performance.md explains why: MindSpore 2.10's CPU LayerNormGrad,
+// BiasAddGrad, Erf, softmax-backward ReduceSum and StridedSlice kernels cost ~3 s of a 7.7 s
+// ViT-B/16 batch-8 train step, against GEMMs of ~4.5 s).
+//
+// Every entry point has MindSpore's AOT signature
+//   int f(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+//         void *stream, void *extra)
+// with params = inputs then outputs; it returns non-zero (MindSpore raises) on a dtype or shape
+// it does not handle. The arithmetic follows torch's CPU kernels:
+//   * erf: Abramowitz & Stegun 7.1.26 (max abs error 1.5e-7), the approximation ATen's
+//     vectorised float erf uses for torch.nn.GELU on CPU;
+//   * exp: Cody-Waite range reduction + degree-7 Taylor polynomial (< 2 ulp on the range used);
+//   * LayerNorm: two-pass mean/variance per row, biased variance, rstd = 1/sqrt(var + eps);
+//   * softmax over the last axis with max subtraction.
+// Loops are written for the compiler's auto-vectoriser (#pragma omp simd, compiled with
+// -fopenmp-simd: no OpenMP runtime) and split over a small pool of blocking worker threads.
+// OpenMP is deliberately not used: MindSpore has already loaded and initialised libgomp, whose
+// idle threads spin (OMP_WAIT_POLICY can no longer be changed) and slowed MindSpore's own GEMMs
+// by ~15%. Results do not depend on the number of threads (no cross-thread reductions).
+// --------------------------------------------------------
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <sched.h>
+#include <string>
+#include <system_error>
+#include <thread>
+#include <vector>
+
+namespace {
+
+inline int64_t Numel(int nd, const int64_t *s) {
+  int64_t n = 1;
+  for (int i = 0; i < nd; ++i) n *= s[i];
+  return n;
+}
+
+inline bool AllF32(int nparam, const char **dtypes) {
+  for (int i = 0; i < nparam; ++i) {
+    if (std::strcmp(dtypes[i], "float32") != 0 && std::strcmp(dtypes[i], "float") != 0) return false;
+  }
+  return true;
+}
+
+// ------------------------------------------------------------------ thread pool
+// Run(n, fn) calls fn(begin, end) on disjoint ranges covering [0, n), the caller taking the first.
+// Workers block on a condition variable between calls. A call made while another is running
+// (MindSpore may launch kernels from several threads) runs inline on its own thread.
+class Pool {
+ public:
+  static Pool &Get() {
+    static Pool *pool = new Pool();  // never destroyed: workers may outlive static destructors
+    return *pool;
+  }
+
+  void Run(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)> &fn) {
+    int64_t parts = std::min<int64_t>(threads_, (n + grain - 1) / std::max<int64_t>(grain, 1));
+    if (parts <= 1) {
+      if (n > 0) fn(0, n);
+      return;
+    }
+    std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
+    if (!busy.owns_lock()) {
+      fn(0, n);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lk(mutex_);
+      fn_ = &fn;
+      n_ = n;
+      parts_ = parts;
+      pending_ = parts - 1;
+      ++generation_;
+    }
+    wake_.notify_all();
+    fn(0, n / parts);
+    std::unique_lock<std::mutex> lk(mutex_);
+    done_.wait(lk, [this] { return pending_ == 0; });
+    fn_ = nullptr;
+  }
+
+ private:
+  Pool() {
+    int count = 0;
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) count = CPU_COUNT(&set);
+    if (count <= 0) count = static_cast<int>(std::thread::hardware_concurrency());
+    if (const char *env = std::getenv("RETFOUND_KERNEL_THREADS")) {
+      const int v = std::atoi(env);
+      if (v > 0) count = v;
+    }
+    count = std::max(1, std::min(count, 256));
+    threads_ = 1;
+    for (int i = 1; i < count; ++i) {
+      try {
+        std::thread([this, i] { Loop(i); }).detach();
+      } catch (const std::system_error &) {
+        break;  // fewer threads than asked for: still correct
+      }
+      threads_ = i + 1;
+    }
+  }
+
+  void Loop(int64_t idx) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lk(mutex_);
+    for (;;) {
+      wake_.wait(lk, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (idx >= parts_) continue;
+      const auto *fn = fn_;
+      const int64_t begin = n_ * idx / parts_, end = n_ * (idx + 1) / parts_;
+      lk.unlock();
+      (*fn)(begin, end);
+      lk.lock();
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  int threads_ = 1;
+  std::mutex run_mutex_, mutex_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int64_t, int64_t)> *fn_ = nullptr;
+  int64_t n_ = 0, parts_ = 0, pending_ = 0;
+  uint64_t generation_ = 0;
+};
+
+template <typename F>
+inline void ParallelFor(int64_t n, int64_t grain, F body) {
+  const std::function<void(int64_t, int64_t)> fn = body;
+  Pool::Get().Run(n, grain, fn);
+}
+
+// exp(x) for x in about [-87, 88]; vectorisable (no calls, no branches).
+inline float ExpF(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  // n = round(x / ln2) with the 1.5 * 2^23 trick (std::floor/nearbyint do not vectorise without
+  // -fno-trapping-math); valid for |x / ln2| < 2^22, and never compiled with -ffast-math.
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  // ln2 split in a high part exact in float and a low part (Cody-Waite)
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  return p * __builtin_bit_cast(float, e);
+}
+
+// erf(x), Abramowitz & Stegun 7.1.26 (as ATen's Vectorized<float>::erf).
+inline float ErfF(float x) {
+  const float ax = std::fabs(x);
+  const float t = 1.0f / (1.0f + 0.3275911f * ax);
+  float p = 1.061405429f;
+  p = p * t - 1.453152027f;
+  p = p * t + 1.421413741f;
+  p = p * t - 0.284496736f;
+  p = p * t + 0.254829592f;
+  const float y = 1.0f - p * t * ExpF(-ax * ax);
+  return std::copysign(y, x);
+}
+
+constexpr float kSqrt1_2 = 0.70710678118654752440f;
+constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
+
+inline float GeluF(float v) { return v * 0.5f * (1.0f + ErfF(v * kSqrt1_2)); }
+
+inline float GeluGradF(float v) {
+  const float cdf = 0.5f * (1.0f + ErfF(v * kSqrt1_2));
+  const float pdf = kInvSqrt2Pi * ExpF(-0.5f * v * v);
+  return cdf + v * pdf;
+}
+
+// Column sums of a (rows, cols) matrix into out[cols]: threads own column slabs, so the
+// result does not depend on the thread count.
+void ColSum(const float *x, int64_t rows, int64_t cols, float *out) {
+  ParallelFor((cols + 63) / 64, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t j0 = lo * 64; j0 < std::min(cols, hi * 64); j0 += 64) {
+      const int64_t j1 = std::min(cols, j0 + 64);
+      float acc[64] = {0};
+      for (int64_t i = 0; i < rows; ++i) {
+        const float *row = x + i * cols;
+#pragma omp simd
+        for (int64_t j = j0; j < j1; ++j) acc[j - j0] += row[j];
+      }
+      for (int64_t j = j0; j < j1; ++j) out[j] = acc[j - j0];
+    }
+  });
+}
+
+}  // namespace
+
+extern "C" {
+
+// ---------------------------------------------------------------- GELU (exact, erf form)
+// GeluFwd(x) -> y
+int RfGeluFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 2 || !AllF32(nparam, dtypes)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  float *y = static_cast<float *>(params[1]);
+  const int64_t n = Numel(ndims[0], shapes[0]);
+  ParallelFor(n, 16384, [&](int64_t lo, int64_t hi) {
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) y[i] = GeluF(x[i]);
+  });
+  return 0;
+}
+
+// GeluBwd(x, dy) -> dx
+int RfGeluBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 3 || !AllF32(nparam, dtypes)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *dy = static_cast<const float *>(params[1]);
+  float *dx = static_cast<float *>(params[2]);
+  const int64_t n = Numel(ndims[0], shapes[0]);
+  ParallelFor(n, 16384, [&](int64_t lo, int64_t hi) {
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) dx[i] = dy[i] * GeluGradF(x[i]);
+  });
+  return 0;
+}
+
+// ---------------------------------------------------------------- bias add (+ GELU)
+// BiasAdd(x (.., N), b (N)) -> y
+int RfBiasAdd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 3 || !AllF32(nparam, dtypes)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *b = static_cast<const float *>(params[1]);
+  float *y = static_cast<float *>(params[2]);
+  const int64_t cols = shapes[0][ndims[0] - 1];
+  if (Numel(ndims[1], shapes[1]) != cols) return 2;
+  const int64_t rows = Numel(ndims[0], shapes[0]) / cols;
+  ParallelFor(rows, 8, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const float *xi = x + i * cols;
+      float *yi = y + i * cols;
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j) yi[j] = xi[j] + b[j];
+    }
+  });
+  return 0;
+}
+
+// BiasGrad(dy (.., N)) -> db (N): the bias gradient, sum over every leading axis
+int RfBiasGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 2 || !AllF32(nparam, dtypes)) return 1;
+  const float *dy = static_cast<const float *>(params[0]);
+  float *db = static_cast<float *>(params[1]);
+  const int64_t cols = shapes[0][ndims[0] - 1];
+  if (Numel(ndims[1], shapes[1]) != cols) return 2;
+  ColSum(dy, Numel(ndims[0], shapes[0]) / cols, cols, db);
+  return 0;
+}
+
+// BiasGeluFwd(x (.., N), b (N)) -> y = gelu(x + b)
+int RfBiasGeluFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 3 || !AllF32(nparam, dtypes)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *b = static_cast<const float *>(params[1]);
+  float *y = static_cast<float *>(params[2]);
+  const int64_t cols = shapes[0][ndims[0] - 1];
+  if (Numel(ndims[1], shapes[1]) != cols) return 2;
+  const int64_t rows = Numel(ndims[0], shapes[0]) / cols;
+  ParallelFor(rows, 8, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const float *xi = x + i * cols;
+      float *yi = y + i * cols;
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j) yi[j] = GeluF(xi[j] + b[j]);
+    }
+  });
+  return 0;
+}
+
+// BiasGeluBwd(x, b, dy) -> (dx, db): dx = dy * gelu'(x + b), db = column sums of dx
+int RfBiasGeluBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 5 || !AllF32(nparam, dtypes)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *b = static_cast<const float *>(params[1]);
+  const float *dy = static_cast<const float *>(params[2]);
+  float *dx = static_cast<float *>(params[3]);
+  float *db = static_cast<float *>(params[4]);
+  const int64_t cols = shapes[0][ndims[0] - 1];
+  if (Numel(ndims[1], shapes[1]) != cols) return 2;
+  const int64_t rows = Numel(ndims[0], shapes[0]) / cols;
+  ParallelFor(rows, 8, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const float *xi = x + i * cols;
+      const float *gi = dy + i * cols;
+      float *di = dx + i * cols;
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j) di[j] = gi[j] * GeluGradF(xi[j] + b[j]);
+    }
+  });
+  ColSum(dx, rows, cols, db);
+  return 0;
+}
+
+// ---------------------------------------------------------------- LayerNorm (last axis)
+// LayerNormFwd(x (.., D), gamma (D), beta (D), eps (1)) -> (y (.., D), mean (M), rstd (M))
+int RfLayerNormFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 7 || !AllF32(nparam, dtypes)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *g = static_cast<const float *>(params[1]);
+  const float *b = static_cast<const float *>(params[2]);
+  const float eps = *static_cast<const float *>(params[3]);
+  float *y = static_cast<float *>(params[4]);
+  float *mean = static_cast<float *>(params[5]);
+  float *rstd = static_cast<float *>(params[6]);
+  const int64_t d = shapes[0][ndims[0] - 1];
+  const int64_t rows = Numel(ndims[0], shapes[0]) / d;
+  if (Numel(ndims[1], shapes[1]) != d || Numel(ndims[5], shapes[5]) != rows) return 2;
+  ParallelFor(rows, 8, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const float *xi = x + i * d;
+      float *yi = y + i * d;
+      float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < d; ++j) s += xi[j];
+      const float mu = s / static_cast<float>(d);
+      float v = 0.0f;
+#pragma omp simd reduction(+ : v)
+      for (int64_t j = 0; j < d; ++j) v += (xi[j] - mu) * (xi[j] - mu);
+      const float r = 1.0f / std::sqrt(v / static_cast<float>(d) + eps);
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) yi[j] = (xi[j] - mu) * r * g[j] + b[j];
+      mean[i] = mu;
+      rstd[i] = r;
+    }
+  });
+  return 0;
+}
+
+// LayerNormBwd(x, gamma, mean, rstd, dy) -> (dx, dgamma, dbeta)
+int RfLayerNormBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 8 || !AllF32(nparam, dtypes)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *g = static_cast<const float *>(params[1]);
+  const float *mean = static_cast<const float *>(params[2]);
+  const float *rstd = static_cast<const float *>(params[3]);
+  const float *dy = static_cast<const float *>(params[4]);
+  float *dx = static_cast<float *>(params[5]);
+  float *dg = static_cast<float *>(params[6]);
+  float *db = static_cast<float *>(params[7]);
+  const int64_t d = shapes[0][ndims[0] - 1];
+  const int64_t rows = Numel(ndims[0], shapes[0]) / d;
+  if (Numel(ndims[1], shapes[1]) != d || Numel(ndims[2], shapes[2]) != rows) return 2;
+  const float inv_d = 1.0f / static_cast<float>(d);
+  ParallelFor(rows, 8, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const float *xi = x + i * d;
+      const float *gi = dy + i * d;
+      float *di = dx + i * d;
+      const float mu = mean[i], r = rstd[i];
+      float a = 0.0f, c = 0.0f;  // sum(dy*g), sum(dy*g*xhat)
+#pragma omp simd reduction(+ : a, c)
+      for (int64_t j = 0; j < d; ++j) {
+        const float gh = gi[j] * g[j];
+        a += gh;
+        c += gh * (xi[j] - mu) * r;
+      }
+      a *= inv_d;
+      c *= inv_d;
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) di[j] = r * (gi[j] * g[j] - a - (xi[j] - mu) * r * c);
+    }
+  });
+  // dgamma = sum_i dy * xhat, dbeta = sum_i dy: column slabs, thread-count independent
+  ParallelFor((d + 63) / 64, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t j0 = lo * 64; j0 < std::min(d, hi * 64); j0 += 64) {
+      const int64_t j1 = std::min(d, j0 + 64);
+      float ag[64] = {0}, ab[64] = {0};
+      for (int64_t i = 0; i < rows; ++i) {
+        const float *xi = x + i * d;
+        const float *gi = dy + i * d;
+        const float mu = mean[i], r = rstd[i];
+#pragma omp simd
+        for (int64_t j = j0; j < j1; ++j) {
+          ag[j - j0] += gi[j] * (xi[j] - mu) * r;
+          ab[j - j0] += gi[j];
+        }
+      }
+      for (int64_t j = j0; j < j1; ++j) {
+        dg[j] = ag[j - j0];
+        db[j] = ab[j - j0];
+      }
+    }
+  });
+  return 0;
+}
+
+// ---------------------------------------------------------------- softmax (last axis)
+// SoftmaxFwd(x) -> y
+int RfSoftmaxFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 2 || !AllF32(nparam, dtypes)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  float *y = static_cast<float *>(params[1]);
+  const int64_t d = shapes[0][ndims[0] - 1];
+  const int64_t rows = Numel(ndims[0], shapes[0]) / d;
+  ParallelFor(rows, 8, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const float *xi = x + i * d;
+      float *yi = y + i * d;
+      float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+      for (int64_t j = 0; j < d; ++j) m = std::max(m, xi[j]);
+      float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < d; ++j) {
+        const float e = ExpF(xi[j] - m);
+        yi[j] = e;
+        s += e;
+      }
+      const float inv = 1.0f / s;
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) yi[j] *= inv;
+    }
+  });
+  return 0;
+}
+
+// SoftmaxBwd(y, dy) -> dx = y * (dy - sum(dy * y))
+int RfSoftmaxBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 3 || !AllF32(nparam, dtypes)) return 1;
+  const float *y = static_cast<const float *>(params[0]);
+  const float *dy = static_cast<const float *>(params[1]);
+  float *dx = static_cast<float *>(params[2]);
+  const int64_t d = shapes[0][ndims[0] - 1];
+  const int64_t rows = Numel(ndims[0], shapes[0]) / d;
+  ParallelFor(rows, 8, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const float *yi = y + i * d;
+      const float *gi = dy + i * d;
+      float *di = dx + i * d;
+      float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < d; ++j) s += yi[j] * gi[j];
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) di[j] = yi[j] * (gi[j] - s);
+    }
+  });
+  return 0;
+}
+
+// ---------------------------------------------------------------- attention head split
+// QkvSplit(qkv (B, N, 3*H*hd), scale (1)) -> q, k, v each (B, H, N, hd); q is multiplied by
+// scale. Equals reshape(B, N, 3, H, hd).transpose(2, 0, 3, 1, 4) then unbind(0), q * scale.
+int RfQkvSplit(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 5 || !AllF32(nparam, dtypes) || ndims[0] != 3 || ndims[2] != 4) return 1;
+  const float *qkv = static_cast<const float *>(params[0]);
+  const float scale = *static_cast<const float *>(params[1]);
+  float *out[3] = {static_cast<float *>(params[2]), static_cast<float *>(params[3]), static_cast<float *>(params[4])};
+  const int64_t bsz = shapes[2][0], heads = shapes[2][1], n = shapes[2][2], hd = shapes[2][3];
+  const int64_t c = heads * hd;
+  if (shapes[0][0] != bsz || shapes[0][1] != n || shapes[0][2] != 3 * c) return 2;
+  ParallelFor(bsz * n, 8, [&](int64_t lo, int64_t hi) {
+    for (int64_t bn = lo; bn < hi; ++bn) {
+      const int64_t b = bn / n, t = bn % n;
+      const float *src = qkv + bn * 3 * c;
+      for (int s = 0; s < 3; ++s) {
+        const float f = s == 0 ? scale : 1.0f;
+        for (int64_t h = 0; h < heads; ++h) {
+          const float *si = src + s * c + h * hd;
+          float *di = out[s] + ((b * heads + h) * n + t) * hd;
+#pragma omp simd
+          for (int64_t j = 0; j < hd; ++j) di[j] = si[j] * f;
+        }
+      }
+    }
+  });
+  return 0;
+}
+
+// QkvMerge(dq, dk, dv (B, H, N, hd), scale (1)) -> dqkv (B, N, 3*H*hd); the gradient of QkvSplit
+int RfQkvMerge(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 5 || !AllF32(nparam, dtypes) || ndims[0] != 4 || ndims[4] != 3) return 1;
+  const float *in[3] = {static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                        static_cast<const float *>(params[2])};
+  const float scale = *static_cast<const float *>(params[3]);
+  float *dqkv = static_cast<float *>(params[4]);
+  const int64_t bsz = shapes[0][0], heads = shapes[0][1], n = shapes[0][2], hd = shapes[0][3];
+  const int64_t c = heads * hd;
+  if (shapes[4][0] != bsz || shapes[4][1] != n || shapes[4][2] != 3 * c) return 2;
+  ParallelFor(bsz * n, 8, [&](int64_t lo, int64_t hi) {
+    for (int64_t bn = lo; bn < hi; ++bn) {
+      const int64_t b = bn / n, t = bn % n;
+      float *dst = dqkv + bn * 3 * c;
+      for (int s = 0; s < 3; ++s) {
+        const float f = s == 0 ? scale : 1.0f;
+        for (int64_t h = 0; h < heads; ++h) {
+          const float *si = in[s] + ((b * heads + h) * n + t) * hd;
+          float *di = dst + s * c + h * hd;
+#pragma omp simd
+          for (int64_t j = 0; j < hd; ++j) di[j] = si[j] * f;
+        }
+      }
+    }
+  });
+  return 0;
+}
+
+}  // extern "C"
