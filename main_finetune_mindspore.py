@@ -240,10 +240,13 @@ def main(args):
     try:
         ms.set_device(device)
     except (RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-        raise SystemExit(f"--device {device}: this MindSpore installation cannot use it ({first}). Install the "
-                         f"MindSpore {ms.__version__} build for your {device} (https://www.mindspore.cn/install) "
-                         f"or pass --device CPU.")
+        # A second main() in one process (a notebook, a test) finds the runtime already running:
+        # fine when it runs on the device asked for.
+        if not ("has been initialized" in str(e) and ms.get_context("device_target") == device):
+            first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+            raise SystemExit(f"--device {device}: this MindSpore installation cannot use it ({first}). Install the "
+                             f"MindSpore {ms.__version__} build for your {device} "
+                             f"(https://www.mindspore.cn/install) or pass --device CPU.")
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
     misc.init_distributed_mode(args)
     print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
@@ -298,6 +301,8 @@ def main(args):
 
     # ---- Model
     model = build_model(args)
+    from util_mindspore import cpu_kernels
+    print(cpu_kernels.status())  # fused fp32 CPU kernels: on, off, unavailable (and why), or not CPU
 
     # On --resume the checkpoint's full model state replaces every parameter (strictly) below, so the
     # pre-trained weights are not fetched again (the original re-loads them first: a needless download).

@@ -223,7 +223,8 @@ class DropPath(nn.Cell):
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         # timm: bernoulli_(keep_prob). ops.bernoulli has CPU/GPU/Ascend kernels; UniformReal is
         # deprecated in 2.10 and its suggested replacement mint.rand has no CPU kernel.
-        mask = ops.bernoulli(ops.ones(shape, x.dtype), p=self.keep_prob)
+        # The draw is in fp32 and cast: the CPU Bernoulli kernel has no fp16 (--amp_level O2).
+        mask = ops.bernoulli(ops.ones(shape, ms.float32), p=self.keep_prob).astype(x.dtype)
         # timm computes x.div(keep_prob) * mask; scaling the (B, 1, 1) mask first is the same
         # value up to one rounding and makes one full-size temporary instead of two.
         return x * (mask / self.keep_prob)

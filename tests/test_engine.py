@@ -1,4 +1,5 @@
 """The compiled train step: accumulation, clipping, soft targets, non-finite loss."""
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -238,3 +239,47 @@ def test_changing_the_learning_rate_does_not_recompile():
         assert len(s.train_step._compile_cache) == 1
         s(x.asnumpy()[:2], y.asnumpy()[:2], 1e-3)
         assert len(s.train_step._compile_cache) == 2
+
+
+_AMP_CHILD = """
+import sys
+import numpy as np
+import mindspore as ms
+sys.path.insert(0, {root!r})
+ms.set_device("CPU")
+ms.set_context(mode=ms.GRAPH_MODE)
+from tests.helpers import tiny_vit
+from engine_finetune_mindspore import Stepper
+from util_mindspore.lr_decay import param_groups_lrd
+from util_mindspore.optim import AdamW, LossScaler
+rng = np.random.default_rng(5)
+x = rng.standard_normal((4, 3, 32, 32)).astype(np.float32)
+y = rng.integers(0, 3, 4).astype(np.int32)
+np.random.seed(0)
+m = tiny_vit(global_pool=True, drop_path_rate=0.2)
+o = AdamW(param_groups_lrd(m, 0.05, m.no_weight_decay(), 0.65), lr=1e-3)
+ms.amp.auto_mixed_precision(m, {level!r}, dtype=ms.float16)
+s = Stepper(m, o, loss_scaler=LossScaler())
+m.set_train(True)
+before = m.blocks[0].mlp.fc1.weight.asnumpy().copy()
+loss = float(s(x, y, 1e-3).asnumpy())
+assert np.isfinite(loss) and 0.5 < loss < 3.0, loss
+assert float(o.step_count.asnumpy()) == 1.0
+assert not np.array_equal(m.blocks[0].mlp.fc1.weight.asnumpy(), before)
+print("ok", loss)
+"""
+
+
+@pytest.mark.parametrize("level", ["O1", "O2"])
+def test_amp_levels_train_with_drop_path(level, tmp_path):
+    """--amp_level O1/O2 with stochastic depth, as main runs it (a process without torch: torch
+    patches inspect.getfile, which MindSpore's O1 rewrite relies on). fp16 reaches DropPath (O2)
+    and the fused fp32 CPU kernels must step aside for fp16 tensors (O1 casts around MatMul)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "amp_child.py"
+    script.write_text(_AMP_CHILD.format(root=root, level=level))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]

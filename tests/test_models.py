@@ -8,6 +8,18 @@ import models_vit_mindspore as models
 from tests.helpers import TINY, tiny_vit, load_numpy_state, ms_mode
 
 MODES = [pytest.param(ms.PYNATIVE_MODE, id="pynative"), pytest.param(ms.GRAPH_MODE, id="graph")]
+# The fused CPU kernels (util_mindspore/cpu_kernels.py, on by default on CPU) and MindSpore's own
+# operators (the path on GPU/Ascend, for fp16, and without a C++ compiler) must both be the original.
+KERNELS = [pytest.param(True, id="fused_kernels"), pytest.param(False, id="ms_ops")]
+
+
+@pytest.fixture
+def kernels(request, monkeypatch):
+    from util_mindspore import cpu_kernels
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "1" if request.param else "0")
+    if request.param:
+        assert cpu_kernels.enabled(), cpu_kernels.status()
+    return request.param
 
 
 def _max_abs(a, b):
@@ -43,9 +55,10 @@ def test_defaults_spelled_out():
 
 
 @pytest.mark.torch
+@pytest.mark.parametrize("kernels", KERNELS, indirect=True)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("global_pool", [True, False], ids=["global_pool", "cls_token"])
-def test_logits_match_original(mode, global_pool):
+def test_logits_match_original(mode, global_pool, kernels):
     import torch
     from tests.original_reference import retfound_vit, randomize_, state_dict_numpy
     tm = randomize_(retfound_vit(global_pool=global_pool, num_classes=3, **TINY), seed=1).eval()
@@ -54,6 +67,7 @@ def test_logits_match_original(mode, global_pool):
         ref = tm(x).numpy()
     with ms_mode(mode):
         m = load_numpy_state(tiny_vit(global_pool=global_pool), state_dict_numpy(tm))
+        assert m.blocks[0].attn.fused == m.blocks[0].mlp.fused == m.blocks[0].norm1.fused == kernels
         m.set_train(False)
         out = m(ms.Tensor(x.numpy())).asnumpy()
     assert _max_abs(out, ref) <= 1e-5
@@ -131,7 +145,9 @@ def test_full_size_key_sets_and_shapes_equal_original():
 
 
 @pytest.mark.torch
-def test_gradients_match_original():
+@pytest.mark.parametrize("kernels", KERNELS, indirect=True)
+@pytest.mark.parametrize("mode", MODES)
+def test_gradients_match_original(mode, kernels):
     import torch
     from tests.original_reference import retfound_vit, randomize_, state_dict_numpy
     tm = randomize_(retfound_vit(global_pool=True, num_classes=3, **TINY), seed=4).train()
@@ -141,16 +157,23 @@ def test_gradients_match_original():
     loss.backward()
     tgrads = {n: p.grad.numpy() for n, p in tm.named_parameters()}
 
-    m = load_numpy_state(tiny_vit(global_pool=True), state_dict_numpy(tm))
-    m.set_train(True)  # drop path 0: train mode must equal eval arithmetic here
-    params = m.trainable_params()
-    ce = nn.CrossEntropyLoss()
+    with ms_mode(mode):
+        m = load_numpy_state(tiny_vit(global_pool=True), state_dict_numpy(tm))
+        assert m.blocks[0].attn.fused == kernels
+        m.set_train(True)  # drop path 0: train mode must equal eval arithmetic here
+        params = m.trainable_params()
 
-    def forward(xx, yy):
-        return ce(m(xx), yy)
+        class Loss(nn.Cell):
+            def __init__(self):
+                super().__init__(auto_prefix=False)  # keep the torch parameter names
+                self.m = m
+                self.ce = nn.CrossEntropyLoss()
 
-    grad_fn = ms.value_and_grad(forward, None, params)
-    mloss, grads = grad_fn(ms.Tensor(x.numpy()), ms.Tensor(y.numpy().astype(np.int32)))
+            def construct(self, xx, yy):
+                return self.ce(self.m(xx), yy)
+
+        grad_fn = ms.value_and_grad(Loss(), None, params)
+        mloss, grads = grad_fn(ms.Tensor(x.numpy()), ms.Tensor(y.numpy().astype(np.int32)))
     assert abs(float(mloss.asnumpy()) - float(loss.item())) <= 1e-5
     checked = 0
     for p, g in zip(params, grads):
@@ -203,10 +226,13 @@ def test_full_vit_large_logits_match_original(global_pool):
 
 
 def test_exact_gelu_paths_agree():
-    """CPU uses the erf composition, GPU/Ascend the fused kernel: both are torch's exact GELU."""
+    """The fused CPU kernel, the erf composition (CPU fallback) and MindSpore's GELU kernel
+    (GPU/Ascend) are all torch's exact GELU."""
     from math import erf
+    from util_mindspore import cpu_kernels
     xs = np.linspace(-6, 6, 241).astype(np.float32)
     exact = np.array([0.5 * v * (1 + erf(v / np.sqrt(2))) for v in xs.astype(np.float64)])
-    for composed in (True, False):
-        got = models.ExactGELU(composed=composed)(ms.Tensor(xs)).asnumpy()
-        assert np.max(np.abs(got - exact)) < 1e-6, composed
+    paths = [(True, False), (False, False)] + ([(True, True)] if cpu_kernels.enabled() else [])
+    for composed, fused in paths:
+        got = models.ExactGELU(composed=composed, fused=fused)(ms.Tensor(xs)).asnumpy()
+        assert np.max(np.abs(got - exact)) < 1e-6, (composed, fused)
