@@ -3,7 +3,7 @@
 # RETFound for MindSpore: fine-tuning, linear probing and evaluation.
 # Derived from: rmaphoh/RETFound main_finetune.py (MAE main_finetune.py). Written anew:
 # same flags, defaults and output files; MindSpore additions --device, --mode, --amp_level,
-# --weights_cache_dir, --single_fc_norm, --skip_bad_images.
+# --cpu_bf16, --weights_cache_dir, --single_fc_norm, --skip_bad_images.
 # --------------------------------------------------------
 import argparse
 import datetime
@@ -105,6 +105,10 @@ def get_args_parser():
                         "jit: PYNATIVE_MODE with the train step compiled by @mindspore.jit")
     g.add_argument("--amp_level", default="O0", choices=["O0", "O1", "O2", "O3"],
                    help="[MindSpore] mixed precision level (O0 = fp32, the original's behaviour on CPU)")
+    g.add_argument("--cpu_bf16", action="store_true",
+                   help="[MindSpore, CPU] Linear layers multiply in bfloat16 (fp32 accumulation, fp32 weights and "
+                        "activations) through oneDNN, like torch.autocast('cpu', torch.bfloat16); ~1.6x faster "
+                        "training on CPUs with AVX512-BF16/AMX")
     g.add_argument("--seed", default=0, type=int)
     g.add_argument("--resume", default="", help="Resume from checkpoint (.ckpt of ours, or the original's .pth)")
     g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="Start epoch")
@@ -131,6 +135,25 @@ def get_args_parser():
 
 # entries of our checkpoints that are not model weights (optimizer moments, loss-scale state)
 _STATE_PREFIXES = ("optimizer.", "scaler.")
+
+
+def _configure_cpu_bf16(args):
+    """--cpu_bf16: check it can run here, then switch the models built afterwards to bf16 GEMMs."""
+    import mindspore as ms
+    from util_mindspore import cpu_kernels
+    cpu_kernels.set_bf16_matmul(False)  # never inherit a previous main() call's setting
+    if not args.cpu_bf16:
+        return
+    if ms.get_context("device_target") != "CPU":
+        raise SystemExit("--cpu_bf16 is for CPU training; on GPU/Ascend use --amp_level O2 (float16)")
+    if args.amp_level != "O0":
+        raise SystemExit("--cpu_bf16 cannot be combined with --amp_level: it keeps fp32 weights and activations "
+                         "and multiplies in bfloat16 only inside the Linear layers")
+    if not cpu_kernels.linear_available(bf16=True):
+        raise SystemExit(f"--cpu_bf16 needs the fused CPU kernels with oneDNN's bf16 GEMM. {cpu_kernels.status()}")
+    if not cpu_kernels.cpu_has_bf16():
+        print("WARNING: --cpu_bf16: this CPU has no AVX512-BF16/AMX instructions; bf16 GEMMs will be slower than fp32")
+    cpu_kernels.set_bf16_matmul(True)
 
 
 def _resolve_device(name):
@@ -248,6 +271,7 @@ def main(args):
                              f"MindSpore {ms.__version__} build for your {device} "
                              f"(https://www.mindspore.cn/install) or pass --device CPU.")
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
+    _configure_cpu_bf16(args)
     misc.init_distributed_mode(args)
     print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
     print(f"{args}".replace(", ", ",\n"))

@@ -69,9 +69,11 @@ def trunc_normal(shape, std=0.02, a=-2.0, b=2.0):
 class Dense(nn.Cell):
     """torch.nn.Linear: y = x @ weight.T + bias over the last axis; parameters weight (out, in), bias (out).
 
-    The names and shapes of mindspore.nn.Dense, which it replaces so that on CPU (fp32) the bias
-    add and its gradient run in the fused kernel (MindSpore's BiasAddGrad costs ~8 ms per ViT-B
-    linear layer at batch 8). Elsewhere: MatMul + BiasAdd, as nn.Dense.
+    The names and shapes of mindspore.nn.Dense, which it replaces so that on CPU (fp32) the layer
+    runs as one fused operator (util_mindspore/cpu_kernels.py linear_op: oneDNN GEMM with the bias,
+    one backward kernel for dx, dW and db; in bf16 GEMM inputs when cpu_kernels.set_bf16_matmul
+    was called before building). Without the GEMM, only the bias add and its gradient are fused
+    (MindSpore's BiasAddGrad costs ~8 ms per ViT-B layer at batch 8). Elsewhere: MatMul + BiasAdd.
     """
 
     def __init__(self, in_features, out_features, has_bias=True):
@@ -86,6 +88,9 @@ class Dense(nn.Cell):
         self.bias_add = ops.BiasAdd(data_format='NCHW')  # on 2-D input: adds bias along axis 1
         self.fused = cpu_kernels.enabled() and self.has_bias
         self.fused_bias_add = cpu_kernels.bias_add_op() if self.fused else None
+        self.bf16 = self.fused and cpu_kernels.bf16_matmul()
+        use_gemm = self.fused and cpu_kernels.linear_available(self.bf16)
+        self.linear = cpu_kernels.linear_op(bf16=self.bf16) if use_gemm else None
 
     def matmul_2d(self, x):
         """x @ weight.T for x of any rank, flattened to (rows, in); returns (rows, out)."""
@@ -97,6 +102,8 @@ class Dense(nn.Cell):
         return self.bias_add(y, self.bias)
 
     def construct(self, x):
+        if self.linear is not None and x.dtype == ms.float32:
+            return self.linear(x, self.weight, self.bias)
         out_shape = x.shape[:-1] + (self.out_channels,)
         y = self.matmul_2d(x)
         if self.has_bias:
@@ -128,11 +135,16 @@ class PatchProj(nn.Cell):
         self.matmul = ops.MatMul(transpose_a=False, transpose_b=True)
         self.fused = cpu_kernels.enabled()
         self.fused_bias_add = cpu_kernels.bias_add_op() if self.fused else None
+        bf16 = self.fused and cpu_kernels.bf16_matmul()
+        use_gemm = self.fused and cpu_kernels.linear_available(bf16)
+        self.linear = cpu_kernels.linear_op(bf16=bf16) if use_gemm else None
 
     def construct(self, patches):
         # patches: (B, N, C*p*p) in (C, p, p) order, like the flattened conv kernel
         b, n, _ = patches.shape
         w = self.weight.reshape(self.embed_dim, self.fan_in)
+        if self.linear is not None and patches.dtype == ms.float32:
+            return self.linear(patches, w, self.bias)
         y = self.matmul(patches.reshape(b * n, self.fan_in), w)
         if self.fused and y.dtype == ms.float32:
             y = self.fused_bias_add(y, self.bias)
@@ -273,6 +285,9 @@ class Mlp(nn.Cell):
         self.bias_gelu = cpu_kernels.bias_gelu_op() if self.fused else None
 
     def construct(self, x):
+        if self.fc1.linear is not None and x.dtype == ms.float32:
+            # one GEMM operator (bias included) and the fused GELU: two outputs, as below
+            return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
         h = self.fc1.matmul_2d(x)
         if self.fused and h.dtype == ms.float32:
             h = self.bias_gelu(h, self.fc1.bias)

@@ -142,6 +142,9 @@ def worker_ms(cfg):
     for k, v in cfg.get('ms_context', {}).items():  # experiments: e.g. {"memory_optimize_level": "O1"}
         ms.set_context(**{k: v})
     import models_vit_mindspore as models
+    from util_mindspore import cpu_kernels
+    # --cpu_bf16 of main_finetune_mindspore.py: Linear GEMMs in bf16 (fp32 accumulation)
+    cpu_kernels.set_bf16_matmul(cfg['precision'] == 'cpu_bf16')
     np.random.seed(0)
     factory = MODELS[cfg['model']][0]
     model = getattr(models, factory)(img_size=IMG, num_classes=NUM_CLASSES, drop_path_rate=DROP_PATH,
@@ -392,7 +395,11 @@ def main():
     p.add_argument('--eval_batch', type=int, default=16)
     p.add_argument('--steps', type=int, default=None, help='timed steps after the first (quick 3, full 4)')
     p.add_argument('--repeats', type=int, default=None, help='interleaved rounds (quick 1, full 2)')
-    p.add_argument('--precisions', default='fp32,fast', help="'fast' = torch bf16 autocast / MindSpore fp16 O2")
+    p.add_argument('--precisions', default='fp32,fast',
+                   help="'fast' = torch bf16 autocast / ours --ms_fast")
+    p.add_argument('--ms_fast', default='cpu_bf16', choices=['cpu_bf16', 'fp16'],
+                   help="our 'fast' precision: cpu_bf16 = main's --cpu_bf16 (bf16 GEMMs in the Linear layers, "
+                        "fp32 accumulation); fp16 = auto_mixed_precision O2 + loss scaling")
     p.add_argument('--tasks', default='train,eval')
     p.add_argument('--ms_modes', default='graph,pynative',
                    help='MindSpore execution modes to time (each against the same torch runs)')
@@ -430,7 +437,7 @@ def main():
         for i, (m, task, prec, batch) in enumerate(configs):
             order = ('torch', 'ms') if (rnd + i) % 2 == 0 else ('ms', 'torch')
             for be in order:
-                precision = prec if prec == 'fp32' else ('bf16' if be == 'torch' else 'fp16')
+                precision = prec if prec == 'fp32' else ('bf16' if be == 'torch' else args.ms_fast)
                 key = (m, task, prec, batch)
                 cfg = {'backend': be, 'model': m, 'task': task, 'precision': precision, 'batch': batch,
                        'steps': args.steps}
@@ -443,8 +450,11 @@ def main():
                     loads.append(res['load'])
     args.load_min, args.load_max = min(loads), max(loads)
     rows = summarise(results, peak)
+    ours_fast = ('`--cpu_bf16` (Linear-layer GEMMs with bf16 inputs, fp32 accumulation and outputs, through '
+                 'oneDNN; everything else fp32)' if args.ms_fast == 'cpu_bf16' else
+                 'float16 `auto_mixed_precision(O2)` + dynamic loss scaling (2.10 has no CPU bf16 kernels)')
     notes = ['"fast" precision: torch = `torch.autocast("cpu", dtype=torch.bfloat16)` (the CPU has avx512_bf16); '
-             'MindSpore = float16 `auto_mixed_precision(O2)` + dynamic loss scaling (2.10 has no CPU bf16 kernels).']
+             f'MindSpore = {ours_fast}.']
     if args.json:
         with open(args.json, 'w') as f:
             json.dump({'machine': machine, 'sgemm': sgemm,

@@ -162,6 +162,55 @@ def test_qkv_split_matches_timm_reshape_permute(mode):
     np.testing.assert_array_equal(grads[0], tgrads[0])
 
 
+@pytest.mark.torch
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", [pytest.param((2, 197, 48), id="2x197x48"), pytest.param((5, 33), id="5x33")])
+def test_linear_matches_torch_linear(mode, shape):
+    import torch
+    if not K.linear_available():
+        pytest.skip(K.status())
+    rs = np.random.RandomState(6)
+    k, n = shape[-1], 70
+    x = rs.standard_normal(shape).astype(np.float32)
+    w = (rs.standard_normal((n, k)) * 0.1).astype(np.float32)
+    b = rs.standard_normal(n).astype(np.float32)
+    with ms_mode(mode):
+        outs, grads, touts, tgrads = _run(K.linear_op(), (), [x, w, b], 1, torch.nn.functional.linear)
+    _close(outs[0], touts[0], 2e-6, 'y')
+    for name, g, tg in zip(('dx', 'dweight', 'dbias'), grads, tgrads):
+        _close(g, tg, 2e-6, name)
+
+
+def _bf16(a):
+    """Round float32 to bfloat16 (nearest even), returned as float64 for an exact reference."""
+    bits = np.asarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return rounded.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bf16_linear_is_bf16_inputs_with_fp32_accumulation(mode):
+    if not K.linear_available(bf16=True):
+        pytest.skip(K.status())
+    rs = np.random.RandomState(7)
+    m, k, n = 37, 96, 50
+    x = rs.standard_normal((m, k)).astype(np.float32)
+    w = (rs.standard_normal((n, k)) * 0.1).astype(np.float32)
+    b = rs.standard_normal(n).astype(np.float32)
+    dy = rs.standard_normal((m, n)).astype(np.float32)
+    with ms_mode(mode):
+        net = _Apply(K.linear_op(bf16=True))
+        y = net(ms.Tensor(x), ms.Tensor(w), ms.Tensor(b)).asnumpy()
+        dx, dw, db = _Grad(net)(ms.Tensor(x), ms.Tensor(w), ms.Tensor(b), ms.Tensor(dy))
+    # exact products of the rounded inputs, summed in float64: only fp32 accumulation order differs
+    _close(y, _bf16(x) @ _bf16(w).T + b, 1e-6, 'y')
+    _close(dx.asnumpy(), _bf16(dy) @ _bf16(w), 1e-6, 'dx')
+    _close(dw.asnumpy(), _bf16(dy).T @ _bf16(x), 1e-6, 'dweight')
+    _close(db.asnumpy(), dy.astype(np.float64).sum(0), 1e-6, 'dbias')
+    # and it is really bf16: the fp32 product differs by far more than the accumulation error
+    assert np.max(np.abs(y - (x.astype(np.float64) @ w.T + b))) > 1e-4
+
+
 def test_kernels_refuse_other_dtypes_loudly():
     # fp16 never reaches the kernels from the model (it checks dtype); called directly, the
     # kernel returns an error code and MindSpore raises instead of reading the buffer as fp32.

@@ -290,3 +290,30 @@ def test_unavailable_device_is_a_clear_error(tmp_path):
     msg = _main_exit(["--device", "GPU", "--data_path", str(root), "--nb_classes", "2",
                       "--output_dir", str(tmp_path / "o")])
     assert msg.startswith("--device GPU:") and "--device CPU" in msg
+
+
+def test_cpu_bf16_trains_and_evaluates(data, tmp_path):
+    """--cpu_bf16: a real run with bf16 GEMMs in the Linear layers writes the usual outputs, and its
+    checkpoint (fp32 master weights) evaluates in the default fp32 mode."""
+    from util_mindspore import cpu_kernels
+    if not cpu_kernels.linear_available(bf16=True):
+        pytest.skip(cpu_kernels.status())
+    out = tmp_path / "out"
+    r = _run(COMMON + ["--data_path", str(data / "data"), "--task", "bf16", "--epochs", "1", "--cpu_bf16",
+                       "--output_dir", str(out)], cwd=str(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Linear GEMMs: oneDNN fp32+bf16, bf16 inputs, fp32 accumulation" in r.stdout
+    log = [json.loads(line) for line in open(out / "bf16" / "log.txt")]
+    assert np.isfinite(log[0]["train_loss"])
+    r2 = _run(COMMON + ["--data_path", str(data / "data"), "--task", "bf16_eval", "--eval", "--output_dir",
+                        str(out), "--resume", str(out / "bf16" / "checkpoint-best.ckpt")], cwd=str(tmp_path))
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    assert "Linear GEMMs: oneDNN fp32+bf16, fp32" in r2.stdout
+    assert _rows(out / "bf16_eval" / "metrics_test.csv")[0] == CSV_HEADER
+
+
+def test_cpu_bf16_with_amp_level_is_a_clear_error(tmp_path):
+    root = _make_tree(tmp_path / "d")
+    msg = _main_exit(["--cpu_bf16", "--amp_level", "O2", "--device", "CPU", "--data_path", str(root),
+                      "--nb_classes", "2", "--output_dir", str(tmp_path / "o")])
+    assert msg.startswith("--cpu_bf16 cannot be combined with --amp_level")

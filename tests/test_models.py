@@ -68,6 +68,7 @@ def test_logits_match_original(mode, global_pool, kernels):
     with ms_mode(mode):
         m = load_numpy_state(tiny_vit(global_pool=global_pool), state_dict_numpy(tm))
         assert m.blocks[0].attn.fused == m.blocks[0].mlp.fused == m.blocks[0].norm1.fused == kernels
+        assert (m.blocks[0].attn.qkv.linear is not None) == kernels  # the oneDNN Linear operator
         m.set_train(False)
         out = m(ms.Tensor(x.numpy())).asnumpy()
     assert _max_abs(out, ref) <= 1e-5

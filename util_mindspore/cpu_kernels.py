@@ -14,6 +14,7 @@
 # Without a compiler, or with RETFOUND_CPU_KERNELS=0, or off CPU, or for non-fp32 tensors, the
 # model uses MindSpore's own operators: same results to rounding, only slower.
 # --------------------------------------------------------
+import ctypes
 import hashlib
 import os
 import shutil
@@ -27,16 +28,17 @@ import mindspore as ms
 from mindspore import ops, Tensor
 
 __all__ = ['enabled', 'library_path', 'status', 'layer_norm_op', 'bias_add_op', 'bias_gelu_op',
-           'gelu_op', 'softmax_op', 'qkv_split_op', 'ENV_SWITCH', 'ENV_CACHE']
+           'gelu_op', 'softmax_op', 'qkv_split_op', 'linear_op', 'linear_available', 'set_bf16_matmul',
+           'bf16_matmul', 'cpu_has_bf16', 'ENV_SWITCH', 'ENV_CACHE']
 
 ENV_SWITCH = 'RETFOUND_CPU_KERNELS'   # '0' / 'off' / 'false': never use the fused kernels
 ENV_CACHE = 'RETFOUND_KERNEL_CACHE'   # where the compiled library is kept
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'retfound_cpu_kernels.cc')
-FLAGS = ('-std=c++17', '-O3', '-march=native', '-fopenmp-simd', '-pthread', '-shared', '-fPIC')
+FLAGS = ('-std=c++17', '-O3', '-march=native', '-fopenmp-simd', '-pthread', '-shared', '-fPIC', '-ldl')
 LIB_NAME = 'libretfound_cpu_kernels.so'
 
 _lock = threading.Lock()
-_state = {'path': None, 'error': None, 'tried': False}
+_state = {'path': None, 'error': None, 'tried': False, 'gemm': None, 'bf16_matmul': False}
 
 
 def _switched_off():
@@ -136,7 +138,42 @@ def status():
     path = library_path()
     if path is None:
         return f'fused CPU kernels: unavailable ({_state["error"]})'
-    return f'fused CPU kernels: on ({path})'
+    gemm = {3: 'oneDNN fp32+bf16', 1: 'oneDNN fp32', 2: 'oneDNN bf16', 0: 'MindSpore MatMul'}[_gemm_bits()]
+    precision = 'bf16 inputs, fp32 accumulation' if bf16_matmul() else 'fp32'
+    return f'fused CPU kernels: on ({path}); Linear GEMMs: {gemm}, {precision}'
+
+
+def _gemm_bits():
+    """Which oneDNN GEMMs the library found in the process: bit 0 fp32, bit 1 bf16."""
+    if _state['gemm'] is None:
+        path = library_path()
+        _state['gemm'] = 0
+        if path is not None:
+            try:  # the same file MindSpore loads for the operators: one instance in the process
+                _state['gemm'] = int(ctypes.CDLL(path).RfGemmAvailable())
+            except (OSError, AttributeError):
+                _state['gemm'] = 0
+    return _state['gemm']
+
+
+def linear_available(bf16=False):
+    """True when Linear layers can run through the library's oneDNN GEMM (fp32, or bf16)."""
+    return enabled() and bool(_gemm_bits() & (2 if bf16 else 1))
+
+
+def cpu_has_bf16():
+    """The CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 GEMMs gain nothing."""
+    flags = set(_cpu_signature().split('|', 1)[-1].split())
+    return bool(flags & {'avx512_bf16', 'amx_bf16'})
+
+
+def set_bf16_matmul(flag):
+    """Models built after this call multiply in bf16 in their Linear layers (CPU; see linear_op)."""
+    _state['bf16_matmul'] = bool(flag)
+
+
+def bf16_matmul():
+    return _state['bf16_matmul']
 
 
 # ---------------------------------------------------------------------------
@@ -231,6 +268,25 @@ def qkv_split_op(num_heads):
         return merge(dout[0], dout[1], dout[2], scale), ops.zeros_like(scale)
 
     return _custom('RfQkvSplit', split_shape, lambda qkv, s: (qkv, qkv, qkv), bprop)
+
+
+def linear_op(bf16=False):
+    """op(x (..., K), weight (N, K), bias (N)) -> x @ weight.T + bias, with the three gradients in
+    one backward kernel (dx = dy @ W, dW = dy^T @ x, db = column sums of dy).
+
+    oneDNN's GEMMs (the libdnnl MindSpore ships), split over the kernel threads by rows; one
+    output instead of MatMul's and BiasAdd's two. ``bf16=True``: GEMM inputs rounded to bfloat16
+    (nearest even), fp32 accumulation, fp32 output — what torch.autocast('cpu', torch.bfloat16)
+    does for nn.Linear, except that the output stays fp32.
+    """
+    name = 'RfLinearBf16' if bf16 else 'RfLinear'
+    bwd = _custom(name + 'Bwd', lambda x, w, dy: (x, w, [w[0]]), lambda x, w, dy: (x, w, w))
+
+    def bprop(x, weight, bias, out, dout):
+        dx, dw, db = bwd(x, weight, dout)
+        return dx, dw, db
+
+    return _custom(name + 'Fwd', lambda x, w, b: list(x[:-1]) + [w[0]], lambda x, w, b: x, bprop)
 
 
 def scalar(value):

@@ -14,7 +14,10 @@
 //     vectorised float erf uses for torch.nn.GELU on CPU;
 //   * exp: Cody-Waite range reduction + degree-7 Taylor polynomial (< 2 ulp on the range used);
 //   * LayerNorm: two-pass mean/variance per row, biased variance, rstd = 1/sqrt(var + eps);
-//   * softmax over the last axis with max subtraction.
+//   * softmax over the last axis with max subtraction;
+//   * Linear layers (x @ W^T + b and its three gradients) call oneDNN's GEMMs from the libdnnl
+//     MindSpore itself ships and has loaded (dnnl_sgemm, and dnnl_gemm_bf16bf16f32 for the bf16
+//     matmul mode: bf16 inputs rounded to nearest even, fp32 accumulation and outputs).
 // Loops are written for the compiler's auto-vectoriser (#pragma omp simd, compiled with
 // -fopenmp-simd: no OpenMP runtime) and split over a small pool of blocking worker threads.
 // OpenMP is deliberately not used: MindSpore has already loaded and initialised libgomp, whose
@@ -26,6 +29,7 @@
 #include <cstdint>
 #include <cstring>
 #include <condition_variable>
+#include <dlfcn.h>
 #include <functional>
 #include <mutex>
 #include <sched.h>
@@ -200,6 +204,116 @@ void ColSum(const float *x, int64_t rows, int64_t cols, float *out) {
   });
 }
 
+
+// ------------------------------------------------------------------ oneDNN GEMMs
+// Resolved at run time from the libdnnl.so.3 MindSpore has already loaded (no link-time
+// dependency: without it only the Linear kernels are unavailable). Row-major, as oneDNN's API.
+typedef int (*SgemmFn)(char, char, int64_t, int64_t, int64_t, float, const float *, int64_t, const float *,
+                       int64_t, float, float *, int64_t);
+typedef int (*Bf16GemmFn)(char, char, int64_t, int64_t, int64_t, float, const uint16_t *, int64_t,
+                          const uint16_t *, int64_t, float, float *, int64_t);
+struct Dnnl {
+  SgemmFn sgemm = nullptr;
+  Bf16GemmFn bf16 = nullptr;
+};
+
+const Dnnl &GetDnnl() {
+  static const Dnnl dnnl = [] {
+    Dnnl d;
+    void *h = dlopen("libdnnl.so.3", RTLD_NOW | RTLD_NOLOAD);
+    if (h == nullptr) h = dlopen("libdnnl.so.3", RTLD_NOW);
+    if (h != nullptr) {
+      d.sgemm = reinterpret_cast<SgemmFn>(dlsym(h, "dnnl_sgemm"));
+      d.bf16 = reinterpret_cast<Bf16GemmFn>(dlsym(h, "dnnl_gemm_bf16bf16f32"));
+    }
+    return d;
+  }();
+  return dnnl;
+}
+
+// fp32 -> bf16, round to nearest even (as torch's c10::BFloat16); NaN stays NaN.
+inline uint16_t ToBf16(float f) {
+  const uint32_t b = __builtin_bit_cast(uint32_t, f);
+  const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  const uint32_t nan = (b >> 16) | 0x40u;
+  return static_cast<uint16_t>((b & 0x7FFFFFFFu) > 0x7F800000u ? nan : rounded);
+}
+
+std::vector<uint16_t> ToBf16Copy(const float *x, int64_t n) {
+  std::vector<uint16_t> out(static_cast<size_t>(n));
+  uint16_t *o = out.data();
+  ParallelFor(n, 1 << 16, [&](int64_t lo, int64_t hi) {
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) o[i] = ToBf16(x[i]);
+  });
+  return out;
+}
+
+// C (m x n, row-major, ldc) = op(A) op(B) [+ C when accumulate], split over threads by rows of C
+// (each thread one sequential oneDNN call on its row block). op(A) rows start at A + r * a_row_step.
+template <typename T, typename Fn>
+int Gemm(Fn fn, char ta, char tb, int64_t m, int64_t n, int64_t k, const T *a, int64_t lda, int64_t a_row_step,
+         const T *b, int64_t ldb, bool accumulate, float *c, int64_t ldc) {
+  if (fn == nullptr) return 3;
+  int status = 0;
+  std::mutex status_mutex;
+  ParallelFor(m, 64, [&](int64_t lo, int64_t hi) {
+    const int s = fn(ta, tb, hi - lo, n, k, 1.0f, a + lo * a_row_step, lda, b, ldb, accumulate ? 1.0f : 0.0f,
+                     c + lo * ldc, ldc);
+    if (s != 0) {
+      std::lock_guard<std::mutex> lk(status_mutex);
+      status = 10 + s;
+    }
+  });
+  return status;
+}
+
+// y (M, N) = x (M, K) @ w (N, K)^T + b (N)
+template <bool kBf16>
+int LinearFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  if (nparam != 4 || !AllF32(nparam, dtypes)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *w = static_cast<const float *>(params[1]);
+  const float *b = static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  const int64_t n = shapes[1][0], k = shapes[1][1];
+  if (ndims[1] != 2 || shapes[0][ndims[0] - 1] != k || Numel(ndims[2], shapes[2]) != n) return 2;
+  const int64_t m = Numel(ndims[0], shapes[0]) / k;
+  ParallelFor(m, 8, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) std::memcpy(y + i * n, b, sizeof(float) * n);
+  });
+  if (kBf16) {
+    const std::vector<uint16_t> xb = ToBf16Copy(x, m * k), wb = ToBf16Copy(w, n * k);
+    return Gemm(GetDnnl().bf16, 'N', 'T', m, n, k, xb.data(), k, k, wb.data(), k, true, y, n);
+  }
+  return Gemm(GetDnnl().sgemm, 'N', 'T', m, n, k, x, k, k, w, k, true, y, n);
+}
+
+// (x (M, K), w (N, K), dy (M, N)) -> dx = dy @ w, dw = dy^T @ x, db = column sums of dy
+template <bool kBf16>
+int LinearBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  if (nparam != 6 || !AllF32(nparam, dtypes)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *w = static_cast<const float *>(params[1]);
+  const float *dy = static_cast<const float *>(params[2]);
+  float *dx = static_cast<float *>(params[3]);
+  float *dw = static_cast<float *>(params[4]);
+  float *db = static_cast<float *>(params[5]);
+  const int64_t n = shapes[1][0], k = shapes[1][1];
+  if (ndims[1] != 2 || shapes[0][ndims[0] - 1] != k || shapes[2][ndims[2] - 1] != n) return 2;
+  const int64_t m = Numel(ndims[0], shapes[0]) / k;
+  ColSum(dy, m, n, db);
+  int s;
+  if (kBf16) {
+    const std::vector<uint16_t> xb = ToBf16Copy(x, m * k), wb = ToBf16Copy(w, n * k), gb = ToBf16Copy(dy, m * n);
+    s = Gemm(GetDnnl().bf16, 'N', 'N', m, k, n, gb.data(), n, n, wb.data(), k, false, dx, k);
+    if (s == 0) s = Gemm(GetDnnl().bf16, 'T', 'N', n, k, m, gb.data(), n, 1, xb.data(), k, false, dw, k);
+  } else {
+    s = Gemm(GetDnnl().sgemm, 'N', 'N', m, k, n, dy, n, n, w, k, false, dx, k);
+    if (s == 0) s = Gemm(GetDnnl().sgemm, 'T', 'N', n, k, m, dy, n, 1, x, k, false, dw, k);
+  }
+  return s;
+}
 }  // namespace
 
 extern "C" {
@@ -509,6 +623,26 @@ int RfQkvMerge(int nparam, void **params, int *ndims, int64_t **shapes, const ch
     }
   });
   return 0;
+}
+
+// ---------------------------------------------------------------- Linear (oneDNN GEMM)
+// Which GEMMs are there: bit 0 fp32, bit 1 bf16 (called through ctypes, not as an operator).
+int RfGemmAvailable() { return (GetDnnl().sgemm ? 1 : 0) | (GetDnnl().bf16 ? 2 : 0); }
+
+// LinearFwd(x (.., K), w (N, K), b (N)) -> y (.., N)
+int RfLinearFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  return LinearFwd<false>(nparam, params, ndims, shapes, dtypes);
+}
+// LinearBwd(x, w, dy) -> (dx, dw, db)
+int RfLinearBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  return LinearBwd<false>(nparam, params, ndims, shapes, dtypes);
+}
+// The same with bf16 GEMM inputs (fp32 accumulation, fp32 outputs and bias)
+int RfLinearBf16Fwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  return LinearFwd<true>(nparam, params, ndims, shapes, dtypes);
+}
+int RfLinearBf16Bwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  return LinearBwd<true>(nparam, params, ndims, shapes, dtypes);
 }
 
 }  // extern "C"
