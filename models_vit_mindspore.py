@@ -193,10 +193,16 @@ class Attention(nn.Cell):
         self.qkv_split = cpu_kernels.qkv_split_op(num_heads) if self.fused else None
         self.fused_softmax = cpu_kernels.softmax_op() if self.fused else None
         self.scale_t = cpu_kernels.scalar(self.scale)
+        # With oneDNN's GEMM: the whole core (split, q k^T, softmax, p v, head merge) in one
+        # operator that keeps only softmax(p) for its backward.
+        use_core = self.fused and attn_drop == 0 and cpu_kernels.linear_available()
+        self.fused_attn = cpu_kernels.attention_op(num_heads) if use_core else None
 
     def construct(self, x):
         b, n, c = x.shape
         qkv = self.qkv(x)
+        if self.fused_attn is not None and qkv.dtype == ms.float32:
+            return self.proj_drop(self.proj(self.fused_attn(qkv, self.scale_t)[0]))
         if self.fused and qkv.dtype == ms.float32:
             q, k, v = self.qkv_split(qkv, self.scale_t)  # q already multiplied by scale
             attn = self.q_matmul_k(q, k)

@@ -211,6 +211,33 @@ def test_bf16_linear_is_bf16_inputs_with_fp32_accumulation(mode):
     assert np.max(np.abs(y - (x.astype(np.float64) @ w.T + b))) > 1e-4
 
 
+@pytest.mark.torch
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("b,n,heads,hd", [(2, 197, 3, 16), (3, 5, 2, 8)], ids=["2x197_3heads", "3x5_2heads"])
+def test_attention_core_matches_timm(mode, b, n, heads, hd):
+    import torch
+    if not K.linear_available():
+        pytest.skip(K.status())
+    rs = np.random.RandomState(8)
+    c = heads * hd
+    qkv = (rs.standard_normal((b, n, 3 * c)) * 2).astype(np.float32)
+    scale = hd ** -0.5
+
+    def timm_core(t):  # timm 0.9 Attention.forward between qkv and proj (fused_attn=False branch)
+        q, k, v = t.reshape(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q * scale) @ k.transpose(-2, -1)
+        attn = attn.softmax(dim=-1)
+        return (attn @ v).transpose(1, 2).reshape(b, n, c), attn
+
+    with ms_mode(mode):
+        outs, grads, touts, tgrads = _run(K.attention_op(heads), (K.scalar(scale),), [qkv], 1,
+                                          lambda t: timm_core(t)[0])
+        probs = _Apply(K.attention_op(heads), K.scalar(scale))(ms.Tensor(qkv))[1].asnumpy()
+    _close(outs[0], touts[0], 2e-6, 'out')
+    _close(probs, timm_core(torch.tensor(qkv))[1].numpy(), 2e-6, 'softmax probabilities')
+    _close(grads[0], tgrads[0], 5e-6, 'dqkv')
+
+
 def test_kernels_refuse_other_dtypes_loudly():
     # fp16 never reaches the kernels from the model (it checks dtype); called directly, the
     # kernel returns an error code and MindSpore raises instead of reading the buffer as fp32.

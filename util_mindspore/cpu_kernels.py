@@ -28,7 +28,7 @@ import mindspore as ms
 from mindspore import ops, Tensor
 
 __all__ = ['enabled', 'library_path', 'status', 'layer_norm_op', 'bias_add_op', 'bias_gelu_op',
-           'gelu_op', 'softmax_op', 'qkv_split_op', 'linear_op', 'linear_available', 'set_bf16_matmul',
+           'gelu_op', 'softmax_op', 'qkv_split_op', 'attention_op', 'linear_op', 'linear_available', 'set_bf16_matmul',
            'bf16_matmul', 'cpu_has_bf16', 'ENV_SWITCH', 'ENV_CACHE']
 
 ENV_SWITCH = 'RETFOUND_CPU_KERNELS'   # '0' / 'off' / 'false': never use the fused kernels
@@ -287,6 +287,29 @@ def linear_op(bf16=False):
         return dx, dw, db
 
     return _custom(name + 'Fwd', lambda x, w, b: list(x[:-1]) + [w[0]], lambda x, w, b: x, bprop)
+
+
+def attention_op(num_heads):
+    """op(qkv (B, N, 3C), scale (1,)) -> (out (B, N, C), p (B, num_heads, N, N)).
+
+    timm's attention core in one operator: q, k, v read in place from the qkv projection
+    (reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)), p = softmax(scale * q k^T), out = p v with the
+    heads merged back (transpose(1, 2).reshape(B, N, C)). ``p`` is kept for the backward kernel;
+    the scores, the split q/k/v and the unmerged output never exist. oneDNN GEMMs, one
+    (batch, head) pair per task. No attention dropout (RETFound uses none).
+    """
+    heads = int(num_heads)
+
+    def fwd_shape(qkv, scale):
+        b, n, c3 = qkv
+        return [b, n, c3 // 3], [b, heads, n, n]
+
+    bwd = _custom('RfAttnBwd', lambda qkv, p, d, s: qkv, lambda qkv, p, d, s: qkv)
+
+    def bprop(qkv, scale, out, dout):
+        return bwd(qkv, out[1], dout[0], scale), ops.zeros_like(scale)
+
+    return _custom('RfAttnFwd', fwd_shape, lambda qkv, s: (qkv, qkv), bprop)
 
 
 def scalar(value):

@@ -187,6 +187,32 @@ inline float GeluGradF(float v) {
   return cdf + v * pdf;
 }
 
+// Softmax of one row (y may alias x).
+inline void SoftmaxRow(const float *x, float *y, int64_t d) {
+  float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < d; ++j) m = std::max(m, x[j]);
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < d; ++j) {
+    const float e = ExpF(x[j] - m);
+    y[j] = e;
+    s += e;
+  }
+  const float inv = 1.0f / s;
+#pragma omp simd
+  for (int64_t j = 0; j < d; ++j) y[j] *= inv;
+}
+
+// Softmax gradient of one row: dx = y * (dy - sum(dy * y)) (dx may alias dy).
+inline void SoftmaxGradRow(const float *y, const float *dy, float *dx, int64_t d) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < d; ++j) s += y[j] * dy[j];
+#pragma omp simd
+  for (int64_t j = 0; j < d; ++j) dx[j] = y[j] * (dy[j] - s);
+}
+
 // Column sums of a (rows, cols) matrix into out[cols]: threads own column slabs, so the
 // result does not depend on the thread count.
 void ColSum(const float *x, int64_t rows, int64_t cols, float *out) {
@@ -524,23 +550,7 @@ int RfSoftmaxFwd(int nparam, void **params, int *ndims, int64_t **shapes, const 
   const int64_t d = shapes[0][ndims[0] - 1];
   const int64_t rows = Numel(ndims[0], shapes[0]) / d;
   ParallelFor(rows, 8, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const float *xi = x + i * d;
-      float *yi = y + i * d;
-      float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-      for (int64_t j = 0; j < d; ++j) m = std::max(m, xi[j]);
-      float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t j = 0; j < d; ++j) {
-        const float e = ExpF(xi[j] - m);
-        yi[j] = e;
-        s += e;
-      }
-      const float inv = 1.0f / s;
-#pragma omp simd
-      for (int64_t j = 0; j < d; ++j) yi[j] *= inv;
-    }
+    for (int64_t i = lo; i < hi; ++i) SoftmaxRow(x + i * d, y + i * d, d);
   });
   return 0;
 }
@@ -554,18 +564,83 @@ int RfSoftmaxBwd(int nparam, void **params, int *ndims, int64_t **shapes, const 
   const int64_t d = shapes[0][ndims[0] - 1];
   const int64_t rows = Numel(ndims[0], shapes[0]) / d;
   ParallelFor(rows, 8, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const float *yi = y + i * d;
-      const float *gi = dy + i * d;
-      float *di = dx + i * d;
-      float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t j = 0; j < d; ++j) s += yi[j] * gi[j];
-#pragma omp simd
-      for (int64_t j = 0; j < d; ++j) di[j] = yi[j] * (gi[j] - s);
-    }
+    for (int64_t i = lo; i < hi; ++i) SoftmaxGradRow(y + i * d, dy + i * d, dx + i * d, d);
   });
   return 0;
+}
+
+// ---------------------------------------------------------------- attention core
+// AttnFwd(qkv (B, N, 3C), scale (1)) -> (out (B, N, C), p (B, H, N, N)), H from p's shape:
+// for each (batch, head), with q, k, v read in place from qkv (timm's reshape-permute layout),
+//   p = softmax(scale * q k^T),  out[:, h*hd:(h+1)*hd] = p v   (heads merged as timm's transpose).
+// One task per (batch, head) on the thread pool, each making sequential oneDNN calls.
+int RfAttnFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 4 || !AllF32(nparam, dtypes) || ndims[0] != 3 || ndims[3] != 4) return 1;
+  const SgemmFn gemm = GetDnnl().sgemm;
+  if (gemm == nullptr) return 3;
+  const float *qkv = static_cast<const float *>(params[0]);
+  const float scale = *static_cast<const float *>(params[1]);
+  float *out = static_cast<float *>(params[2]);
+  float *p = static_cast<float *>(params[3]);
+  const int64_t bsz = shapes[0][0], n = shapes[0][1], c3 = shapes[0][2], heads = shapes[3][1];
+  const int64_t c = c3 / 3, hd = c / heads;
+  if (c3 != 3 * c || c != heads * hd || shapes[3][0] != bsz || shapes[3][2] != n || shapes[3][3] != n ||
+      shapes[2][2] != c) return 2;
+  int status = 0;
+  std::mutex status_mutex;
+  ParallelFor(bsz * heads, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t bh = lo; bh < hi; ++bh) {
+      const int64_t b = bh / heads, h = bh % heads;
+      const float *q = qkv + b * n * c3 + h * hd, *k = q + c, *v = q + 2 * c;
+      float *pb = p + bh * n * n;
+      int st = gemm('N', 'T', n, n, hd, scale, q, c3, k, c3, 0.0f, pb, n);
+      for (int64_t i = 0; i < n && st == 0; ++i) SoftmaxRow(pb + i * n, pb + i * n, n);
+      if (st == 0) st = gemm('N', 'N', n, hd, n, 1.0f, pb, n, v, c3, 0.0f, out + b * n * c + h * hd, c);
+      if (st != 0) {
+        std::lock_guard<std::mutex> lk(status_mutex);
+        status = 10 + st;
+      }
+    }
+  });
+  return status;
+}
+
+// AttnBwd(qkv, p, dout, scale) -> dqkv (B, N, 3C), the gradient of AttnFwd's out:
+//   dv = p^T dout,  dp = dout v^T,  ds = p * (dp - rowsum(dp * p)),  dq = scale ds k,  dk = scale ds^T q
+int RfAttnBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 5 || !AllF32(nparam, dtypes) || ndims[0] != 3 || ndims[1] != 4) return 1;
+  const SgemmFn gemm = GetDnnl().sgemm;
+  if (gemm == nullptr) return 3;
+  const float *qkv = static_cast<const float *>(params[0]);
+  const float *p = static_cast<const float *>(params[1]);
+  const float *dout = static_cast<const float *>(params[2]);
+  const float scale = *static_cast<const float *>(params[3]);
+  float *dqkv = static_cast<float *>(params[4]);
+  const int64_t bsz = shapes[0][0], n = shapes[0][1], c3 = shapes[0][2], heads = shapes[1][1];
+  const int64_t c = c3 / 3, hd = c / heads;
+  if (c3 != 3 * c || c != heads * hd || shapes[1][0] != bsz || shapes[1][2] != n || shapes[2][2] != c) return 2;
+  int status = 0;
+  std::mutex status_mutex;
+  ParallelFor(bsz * heads, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> ds(static_cast<size_t>(n * n));
+    for (int64_t bh = lo; bh < hi; ++bh) {
+      const int64_t b = bh / heads, h = bh % heads;
+      const int64_t off = b * n * c3 + h * hd;
+      const float *q = qkv + off, *k = q + c, *v = q + 2 * c;
+      float *dq = dqkv + off, *dk = dq + c, *dv = dq + 2 * c;
+      const float *pb = p + bh * n * n, *go = dout + b * n * c + h * hd;
+      int st = gemm('T', 'N', n, hd, n, 1.0f, pb, n, go, c, 0.0f, dv, c3);
+      if (st == 0) st = gemm('N', 'T', n, n, hd, 1.0f, go, c, v, c3, 0.0f, ds.data(), n);
+      for (int64_t i = 0; i < n && st == 0; ++i) SoftmaxGradRow(pb + i * n, ds.data() + i * n, ds.data() + i * n, n);
+      if (st == 0) st = gemm('N', 'N', n, hd, n, scale, ds.data(), n, k, c3, 0.0f, dq, c3);
+      if (st == 0) st = gemm('T', 'N', n, hd, n, scale, ds.data(), n, q, c3, 0.0f, dk, c3);
+      if (st != 0) {
+        std::lock_guard<std::mutex> lk(status_mutex);
+        status = 10 + st;
+      }
+    }
+  });
+  return status;
 }
 
 // ---------------------------------------------------------------- attention head split
