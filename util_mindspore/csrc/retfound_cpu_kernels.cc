@@ -25,6 +25,7 @@
 // by ~15%. Results do not depend on the number of threads (no cross-thread reductions).
 // --------------------------------------------------------
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -140,6 +141,18 @@ template <typename F>
 inline void ParallelFor(int64_t n, int64_t grain, F body) {
   const std::function<void(int64_t, int64_t)> fn = body;
   Pool::Get().Run(n, grain, fn);
+}
+
+// ParallelFor for bodies that return a status: 0, or the first non-zero status any range returned.
+template <typename F>
+inline int ParallelStatus(int64_t n, int64_t grain, F body) {
+  std::atomic<int> status{0};
+  ParallelFor(n, grain, [&](int64_t lo, int64_t hi) {
+    const int s = body(lo, hi);
+    int none = 0;
+    if (s != 0) status.compare_exchange_strong(none, s);
+  });
+  return status.load();
 }
 
 // exp(x) for x in about [-87, 88]; vectorisable (no calls, no branches).
@@ -281,17 +294,11 @@ template <typename T, typename Fn>
 int Gemm(Fn fn, char ta, char tb, int64_t m, int64_t n, int64_t k, const T *a, int64_t lda, int64_t a_row_step,
          const T *b, int64_t ldb, bool accumulate, float *c, int64_t ldc) {
   if (fn == nullptr) return 3;
-  int status = 0;
-  std::mutex status_mutex;
-  ParallelFor(m, 64, [&](int64_t lo, int64_t hi) {
+  return ParallelStatus(m, 64, [&](int64_t lo, int64_t hi) {
     const int s = fn(ta, tb, hi - lo, n, k, 1.0f, a + lo * a_row_step, lda, b, ldb, accumulate ? 1.0f : 0.0f,
                      c + lo * ldc, ldc);
-    if (s != 0) {
-      std::lock_guard<std::mutex> lk(status_mutex);
-      status = 10 + s;
-    }
+    return s == 0 ? 0 : 10 + s;
   });
-  return status;
 }
 
 // y (M, N) = x (M, K) @ w (N, K)^T + b (N)
@@ -340,6 +347,27 @@ int LinearBwd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   }
   return s;
 }
+// y = f(x + b), x (.., N), b (N), row by row
+template <typename F>
+int BiasMap(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, F f) {
+  if (nparam != 3 || !AllF32(nparam, dtypes)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *b = static_cast<const float *>(params[1]);
+  float *y = static_cast<float *>(params[2]);
+  const int64_t cols = shapes[0][ndims[0] - 1];
+  if (Numel(ndims[1], shapes[1]) != cols) return 2;
+  const int64_t rows = Numel(ndims[0], shapes[0]) / cols;
+  ParallelFor(rows, 8, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const float *xi = x + i * cols;
+      float *yi = y + i * cols;
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j) yi[j] = f(xi[j] + b[j]);
+    }
+  });
+  return 0;
+}
+
 }  // namespace
 
 extern "C" {
@@ -375,22 +403,7 @@ int RfGeluBwd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
 // ---------------------------------------------------------------- bias add (+ GELU)
 // BiasAdd(x (.., N), b (N)) -> y
 int RfBiasAdd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  if (nparam != 3 || !AllF32(nparam, dtypes)) return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  const float *b = static_cast<const float *>(params[1]);
-  float *y = static_cast<float *>(params[2]);
-  const int64_t cols = shapes[0][ndims[0] - 1];
-  if (Numel(ndims[1], shapes[1]) != cols) return 2;
-  const int64_t rows = Numel(ndims[0], shapes[0]) / cols;
-  ParallelFor(rows, 8, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const float *xi = x + i * cols;
-      float *yi = y + i * cols;
-#pragma omp simd
-      for (int64_t j = 0; j < cols; ++j) yi[j] = xi[j] + b[j];
-    }
-  });
-  return 0;
+  return BiasMap(nparam, params, ndims, shapes, dtypes, [](float v) { return v; });
 }
 
 // BiasGrad(dy (.., N)) -> db (N): the bias gradient, sum over every leading axis
@@ -406,22 +419,7 @@ int RfBiasGrad(int nparam, void **params, int *ndims, int64_t **shapes, const ch
 
 // BiasGeluFwd(x (.., N), b (N)) -> y = gelu(x + b)
 int RfBiasGeluFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  if (nparam != 3 || !AllF32(nparam, dtypes)) return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  const float *b = static_cast<const float *>(params[1]);
-  float *y = static_cast<float *>(params[2]);
-  const int64_t cols = shapes[0][ndims[0] - 1];
-  if (Numel(ndims[1], shapes[1]) != cols) return 2;
-  const int64_t rows = Numel(ndims[0], shapes[0]) / cols;
-  ParallelFor(rows, 8, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const float *xi = x + i * cols;
-      float *yi = y + i * cols;
-#pragma omp simd
-      for (int64_t j = 0; j < cols; ++j) yi[j] = GeluF(xi[j] + b[j]);
-    }
-  });
-  return 0;
+  return BiasMap(nparam, params, ndims, shapes, dtypes, [](float v) { return GeluF(v); });
 }
 
 // BiasGeluBwd(x, b, dy) -> (dx, db): dx = dy * gelu'(x + b), db = column sums of dx
@@ -586,9 +584,7 @@ int RfAttnFwd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   const int64_t c = c3 / 3, hd = c / heads;
   if (c3 != 3 * c || c != heads * hd || shapes[3][0] != bsz || shapes[3][2] != n || shapes[3][3] != n ||
       shapes[2][2] != c) return 2;
-  int status = 0;
-  std::mutex status_mutex;
-  ParallelFor(bsz * heads, 1, [&](int64_t lo, int64_t hi) {
+  return ParallelStatus(bsz * heads, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / heads, h = bh % heads;
       const float *q = qkv + b * n * c3 + h * hd, *k = q + c, *v = q + 2 * c;
@@ -596,13 +592,10 @@ int RfAttnFwd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
       int st = gemm('N', 'T', n, n, hd, scale, q, c3, k, c3, 0.0f, pb, n);
       for (int64_t i = 0; i < n && st == 0; ++i) SoftmaxRow(pb + i * n, pb + i * n, n);
       if (st == 0) st = gemm('N', 'N', n, hd, n, 1.0f, pb, n, v, c3, 0.0f, out + b * n * c + h * hd, c);
-      if (st != 0) {
-        std::lock_guard<std::mutex> lk(status_mutex);
-        status = 10 + st;
-      }
+      if (st != 0) return 10 + st;
     }
+    return 0;
   });
-  return status;
 }
 
 // AttnBwd(qkv, p, dout, scale) -> dqkv (B, N, 3C), the gradient of AttnFwd's out:
@@ -619,9 +612,7 @@ int RfAttnBwd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   const int64_t bsz = shapes[0][0], n = shapes[0][1], c3 = shapes[0][2], heads = shapes[1][1];
   const int64_t c = c3 / 3, hd = c / heads;
   if (c3 != 3 * c || c != heads * hd || shapes[1][0] != bsz || shapes[1][2] != n || shapes[2][2] != c) return 2;
-  int status = 0;
-  std::mutex status_mutex;
-  ParallelFor(bsz * heads, 1, [&](int64_t lo, int64_t hi) {
+  return ParallelStatus(bsz * heads, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> ds(static_cast<size_t>(n * n));
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / heads, h = bh % heads;
@@ -634,13 +625,10 @@ int RfAttnBwd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
       for (int64_t i = 0; i < n && st == 0; ++i) SoftmaxGradRow(pb + i * n, ds.data() + i * n, ds.data() + i * n, n);
       if (st == 0) st = gemm('N', 'N', n, hd, n, scale, ds.data(), n, k, c3, 0.0f, dq, c3);
       if (st == 0) st = gemm('T', 'N', n, hd, n, scale, ds.data(), n, q, c3, 0.0f, dk, c3);
-      if (st != 0) {
-        std::lock_guard<std::mutex> lk(status_mutex);
-        status = 10 + st;
-      }
+      if (st != 0) return 10 + st;
     }
+    return 0;
   });
-  return status;
 }
 
 // ---------------------------------------------------------------- attention head split
