@@ -234,18 +234,37 @@ class DropPath(nn.Cell):
     def __init__(self, drop_prob=0.):
         super().__init__()
         self.keep_prob = 1.0 - drop_prob
+        # CPU fp32: x * s[b] and the residual x + y * s[b] as single operators (section 0 of
+        # docs/performance.md: the broadcast Mul and its gradient cost ~35 MB per call at ViT-B b8)
+        self.fused = cpu_kernels.enabled()
+        self.row_scale = cpu_kernels.row_scale_op() if self.fused else None
+        self.add_row_scale = cpu_kernels.add_row_scale_op() if self.fused else None
+
+    def sample_scale(self, x):
+        """Per-sample factor mask / keep_prob, shape (B,), fp32."""
+        # timm: bernoulli_(keep_prob). ops.bernoulli has CPU/GPU/Ascend kernels; UniformReal is
+        # deprecated in 2.10 and its suggested replacement mint.rand has no CPU kernel.
+        # The draw is in fp32: the CPU Bernoulli kernel has no fp16 (--amp_level O2).
+        return ops.bernoulli(ops.ones((x.shape[0],), ms.float32), p=self.keep_prob) / self.keep_prob
+
+    def residual(self, x, y):
+        """x + drop_path(y), the Block's residual connection."""
+        if not self.training:
+            return x + y
+        if self.fused and x.dtype == ms.float32 and y.dtype == ms.float32:
+            return self.add_row_scale(x, y, self.sample_scale(y))
+        return x + self.construct(y)
 
     def construct(self, x):
         if not self.training:
             return x
+        scale = self.sample_scale(x)
+        if self.fused and x.dtype == ms.float32:
+            return self.row_scale(x, scale)
+        # timm computes x.div(keep_prob) * mask; scaling the (B,) mask first is the same value up
+        # to one rounding and makes one full-size temporary instead of two.
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        # timm: bernoulli_(keep_prob). ops.bernoulli has CPU/GPU/Ascend kernels; UniformReal is
-        # deprecated in 2.10 and its suggested replacement mint.rand has no CPU kernel.
-        # The draw is in fp32 and cast: the CPU Bernoulli kernel has no fp16 (--amp_level O2).
-        mask = ops.bernoulli(ops.ones(shape, ms.float32), p=self.keep_prob).astype(x.dtype)
-        # timm computes x.div(keep_prob) * mask; scaling the (B, 1, 1) mask first is the same
-        # value up to one rounding and makes one full-size temporary instead of two.
-        return x * (mask / self.keep_prob)
+        return x * scale.reshape(shape).astype(x.dtype)
 
 
 class ExactGELU(nn.Cell):
@@ -344,8 +363,12 @@ class Block(nn.Cell):
             self.mlp = Mlp(dim, hidden, drop=proj_drop)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.has_drop_path = drop_path > 0.
 
     def construct(self, x):
+        if self.has_drop_path:
+            x = self.drop_path1.residual(x, self.ls1(self.attn(self.norm1(x))))
+            return self.drop_path2.residual(x, self.ls2(self.mlp(self.norm2(x))))
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x

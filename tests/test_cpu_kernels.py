@@ -238,6 +238,29 @@ def test_attention_core_matches_timm(mode, b, n, heads, hd):
     _close(grads[0], tgrads[0], 5e-6, 'dqkv')
 
 
+@pytest.mark.torch
+@pytest.mark.parametrize("mode", MODES)
+def test_drop_path_operators_match_timm_drop_path(mode):
+    import torch
+    rs = np.random.RandomState(9)
+    x = rs.standard_normal((4, 7, 5)).astype(np.float32)
+    y = rs.standard_normal((4, 7, 5)).astype(np.float32)
+    s = (np.array([1, 0, 1, 1], np.float32) / 0.8).astype(np.float32)  # mask / keep_prob
+    scale = lambda t: t * torch.tensor(s).reshape(4, 1, 1)  # noqa: E731 - timm: x.div(keep) * mask
+    with ms_mode(mode):
+        ms_s = ms.Tensor(s)
+        one = _run(K.row_scale_op(), (ms_s,), [y], 1, scale)
+        res = _run(K.add_row_scale_op(), (ms_s,), [x, y], 1, lambda a, b: a + scale(b))
+    outs, grads, touts, tgrads = one
+    np.testing.assert_array_equal(outs[0], touts[0])
+    np.testing.assert_array_equal(grads[0], tgrads[0])
+    outs, grads, touts, tgrads = res
+    np.testing.assert_allclose(outs[0], touts[0], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(grads[0], tgrads[0])
+    np.testing.assert_array_equal(grads[1], tgrads[1])
+    assert np.all(grads[1][1] == 0)  # the dropped sample gets no gradient
+
+
 def test_kernels_refuse_other_dtypes_loudly():
     # fp16 never reaches the kernels from the model (it checks dtype); called directly, the
     # kernel returns an error code and MindSpore raises instead of reading the buffer as fp32.

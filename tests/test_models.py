@@ -185,9 +185,11 @@ def test_gradients_match_original(mode, kernels):
     assert checked == len(tgrads)
 
 
-def test_drop_path_is_per_sample_and_scaled():
+@pytest.mark.parametrize("kernels", KERNELS, indirect=True)
+def test_drop_path_is_per_sample_and_scaled(kernels):
     ms.set_seed(0)
     dp = models.DropPath(0.5)
+    assert dp.fused == kernels
     dp.set_train(True)
     x = ms.Tensor(np.ones((4000, 2, 3), np.float32))
     y = dp(x).asnumpy()
@@ -195,8 +197,14 @@ def test_drop_path_is_per_sample_and_scaled():
     assert set(np.unique(per_sample)) <= {0.0, 2.0}
     assert np.all(y == per_sample[:, None, None])  # whole sample kept or dropped
     assert abs(per_sample.mean() - 1.0) < 0.08  # expectation preserved
+    # the Block's residual x + drop_path(y): the same per-sample rule, added to x
+    base = np.arange(4000 * 6, dtype=np.float32).reshape(4000, 2, 3)
+    r = dp.residual(ms.Tensor(base), x).asnumpy() - base
+    assert set(np.unique(r[:, 0, 0])) <= {0.0, 2.0} and np.all(r == r[:, :1, :1])
+    assert abs(r[:, 0, 0].mean() - 1.0) < 0.08
     dp.set_train(False)
     assert np.array_equal(dp(x).asnumpy(), np.ones((4000, 2, 3), np.float32))
+    assert np.array_equal(dp.residual(ms.Tensor(base), x).asnumpy(), base + 1)
 
 
 def test_dinov2_factories_fix_224_and_token_pooling():

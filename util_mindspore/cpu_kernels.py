@@ -28,7 +28,7 @@ import mindspore as ms
 from mindspore import ops, Tensor
 
 __all__ = ['enabled', 'library_path', 'status', 'layer_norm_op', 'bias_add_op', 'bias_gelu_op',
-           'gelu_op', 'softmax_op', 'qkv_split_op', 'attention_op', 'linear_op', 'linear_available', 'set_bf16_matmul',
+           'gelu_op', 'softmax_op', 'qkv_split_op', 'attention_op', 'linear_op', 'row_scale_op', 'add_row_scale_op', 'linear_available', 'set_bf16_matmul',
            'bf16_matmul', 'cpu_has_bf16', 'ENV_SWITCH', 'ENV_CACHE']
 
 ENV_SWITCH = 'RETFOUND_CPU_KERNELS'   # '0' / 'off' / 'false': never use the fused kernels
@@ -310,6 +310,28 @@ def attention_op(num_heads):
         return bwd(qkv, out[1], dout[0], scale), ops.zeros_like(scale)
 
     return _custom('RfAttnFwd', fwd_shape, lambda qkv, s: (qkv, qkv), bprop)
+
+
+def row_scale_op():
+    """op(x (B, ...), s (B,)) -> x * s[b]: drop path with s = mask / keep_prob (no gradient for s)."""
+    scale = _custom('RfRowScale', lambda x, s: x, lambda x, s: x)
+
+    def bprop(x, s, out, dout):
+        return scale(dout, s), ops.zeros_like(s)
+
+    return _custom('RfRowScale', lambda x, s: x, lambda x, s: x, bprop)
+
+
+def add_row_scale_op():
+    """op(x, y (B, ...), s (B,)) -> x + y * s[b]: a residual connection through drop path in one
+    operator (one output; MindSpore's broadcast Mul and its gradient kept ~7 full-size tensors
+    alive per call in a GRAPH train step)."""
+    scale = _custom('RfRowScale', lambda x, s: x, lambda x, s: x)
+
+    def bprop(x, y, s, out, dout):
+        return dout, scale(dout, s), ops.zeros_like(s)
+
+    return _custom('RfAddRowScale', lambda x, y, s: x, lambda x, y, s: x, bprop)
 
 
 def scalar(value):

@@ -567,6 +567,50 @@ int RfSoftmaxBwd(int nparam, void **params, int *ndims, int64_t **shapes, const 
   return 0;
 }
 
+// ---------------------------------------------------------------- stochastic depth
+// RowScale(x (B, ..), s (B)) -> y = x * s[b] (drop path: s = mask / keep_prob; its own gradient too)
+int RfRowScale(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 3 || !AllF32(nparam, dtypes)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *sc = static_cast<const float *>(params[1]);
+  float *y = static_cast<float *>(params[2]);
+  const int64_t bsz = shapes[0][0];
+  if (Numel(ndims[1], shapes[1]) != bsz) return 2;
+  const int64_t per = Numel(ndims[0], shapes[0]) / bsz;
+  ParallelFor(bsz * per, 16384, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi;) {
+      const int64_t b = i / per, end = std::min(hi, (b + 1) * per);
+      const float f = sc[b];
+#pragma omp simd
+      for (int64_t j = i; j < end; ++j) y[j] = x[j] * f;
+      i = end;
+    }
+  });
+  return 0;
+}
+
+// AddRowScale(x, y (B, ..), s (B)) -> x + y * s[b]: a residual connection through drop path
+int RfAddRowScale(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 4 || !AllF32(nparam, dtypes)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *y = static_cast<const float *>(params[1]);
+  const float *sc = static_cast<const float *>(params[2]);
+  float *out = static_cast<float *>(params[3]);
+  const int64_t bsz = shapes[0][0];
+  if (Numel(ndims[2], shapes[2]) != bsz || Numel(ndims[1], shapes[1]) != Numel(ndims[0], shapes[0])) return 2;
+  const int64_t per = Numel(ndims[0], shapes[0]) / bsz;
+  ParallelFor(bsz * per, 16384, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi;) {
+      const int64_t b = i / per, end = std::min(hi, (b + 1) * per);
+      const float f = sc[b];
+#pragma omp simd
+      for (int64_t j = i; j < end; ++j) out[j] = x[j] + y[j] * f;
+      i = end;
+    }
+  });
+  return 0;
+}
+
 // ---------------------------------------------------------------- attention core
 // AttnFwd(qkv (B, N, 3C), scale (1)) -> (out (B, N, C), p (B, H, N, N)), H from p's shape:
 // for each (batch, head), with q, k, v read in place from qkv (timm's reshape-permute layout),
