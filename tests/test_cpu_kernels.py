@@ -334,3 +334,17 @@ def test_switch_off_by_environment(tmp_path):
     proc = _child(tmp_path, {K.ENV_SWITCH: '0'})
     assert f'fused CPU kernels: off ({K.ENV_SWITCH}=0)' in proc.stdout
     assert 'ms_ops (1, 2)' in proc.stdout
+
+
+def test_read_only_home_builds_under_the_temporary_directory(tmp_path):
+    if not K.enabled():
+        pytest.skip(K.status())
+    home = tmp_path / 'home'
+    home.mkdir()
+    (home / '.cache').write_text('not a directory')  # so ~/.cache/... cannot be created
+    tmp = tmp_path / 'tmp'
+    tmp.mkdir()
+    env = {'HOME': str(home), 'XDG_CACHE_HOME': '', 'TMPDIR': str(tmp)}
+    proc = _child(tmp_path, env)
+    assert 'fused CPU kernels: on (' + str(tmp) in proc.stdout, proc.stdout
+    assert list(tmp.rglob(K.LIB_NAME))

@@ -85,7 +85,17 @@ def _build(cxx):
     path = os.path.join(out_dir, LIB_NAME)
     if os.path.isfile(path):
         return path
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError:
+        if os.environ.get(ENV_CACHE):
+            raise  # the user's choice: report it
+        # a read-only home (containers, some clusters): build under the temporary directory instead
+        out_dir = os.path.join(tempfile.gettempdir(), f'retfound_mindspore_kernels-{os.getuid()}', key)
+        path = os.path.join(out_dir, LIB_NAME)
+        if os.path.isfile(path):
+            return path
+        os.makedirs(out_dir, exist_ok=True)
     # Build under a private name and rename: several msrun ranks may compile at once, and a
     # half-written library must never be loaded.
     fd, tmp = tempfile.mkstemp(prefix='.build-', suffix='.so', dir=out_dir)
