@@ -87,17 +87,18 @@ class Dense(nn.Cell):
         self.matmul = ops.MatMul(transpose_a=False, transpose_b=True)
         self.bias_add = ops.BiasAdd(data_format='NCHW')  # on 2-D input: adds bias along axis 1
         self.fused = cpu_kernels.enabled() and self.has_bias
-        self.fused_bias_add = cpu_kernels.bias_add_op() if self.fused else None
         self.bf16 = self.fused and cpu_kernels.bf16_matmul()
         use_gemm = self.fused and cpu_kernels.linear_available(self.bf16)
         self.linear = cpu_kernels.linear_op(bf16=self.bf16) if use_gemm else None
+        # without oneDNN's GEMM: MatMul, then the fused bias add
+        self.fused_bias_add = cpu_kernels.bias_add_op() if self.fused and not use_gemm else None
 
     def matmul_2d(self, x):
         """x @ weight.T for x of any rank, flattened to (rows, in); returns (rows, out)."""
         return self.matmul(x.reshape(-1, self.in_channels), self.weight)
 
     def add_bias(self, y):
-        if self.fused and y.dtype == ms.float32:
+        if self.fused_bias_add is not None and y.dtype == ms.float32:
             return self.fused_bias_add(y, self.bias)
         return self.bias_add(y, self.bias)
 
@@ -134,10 +135,10 @@ class PatchProj(nn.Cell):
         self.fan_in = fan_in
         self.matmul = ops.MatMul(transpose_a=False, transpose_b=True)
         self.fused = cpu_kernels.enabled()
-        self.fused_bias_add = cpu_kernels.bias_add_op() if self.fused else None
         bf16 = self.fused and cpu_kernels.bf16_matmul()
         use_gemm = self.fused and cpu_kernels.linear_available(bf16)
         self.linear = cpu_kernels.linear_op(bf16=bf16) if use_gemm else None
+        self.fused_bias_add = cpu_kernels.bias_add_op() if self.fused and not use_gemm else None
 
     def construct(self, patches):
         # patches: (B, N, C*p*p) in (C, p, p) order, like the flattened conv kernel
@@ -146,7 +147,7 @@ class PatchProj(nn.Cell):
         if self.linear is not None and patches.dtype == ms.float32:
             return self.linear(patches, w, self.bias)
         y = self.matmul(patches.reshape(b * n, self.fan_in), w)
-        if self.fused and y.dtype == ms.float32:
+        if self.fused_bias_add is not None and y.dtype == ms.float32:
             y = self.fused_bias_add(y, self.bias)
         else:
             y = y + self.bias
@@ -190,20 +191,22 @@ class Attention(nn.Cell):
         # CPU fp32: one kernel splits q/k/v into heads (and scales q) instead of a transpose copy
         # and three StridedSlices (~17 ms each at ViT-B batch 8); softmax with a fused backward.
         self.fused = cpu_kernels.enabled()
-        self.qkv_split = cpu_kernels.qkv_split_op(num_heads) if self.fused else None
-        self.fused_softmax = cpu_kernels.softmax_op() if self.fused else None
         self.scale_t = cpu_kernels.scalar(self.scale)
         # With oneDNN's GEMM: the whole core (split, q k^T, softmax, p v, head merge) in one
-        # operator that keeps only softmax(p) for its backward.
+        # operator that keeps only softmax(p) for its backward. Otherwise the split and the
+        # softmax alone are fused.
         use_core = self.fused and attn_drop == 0 and cpu_kernels.linear_available()
         self.fused_attn = cpu_kernels.attention_op(num_heads) if use_core else None
+        use_parts = self.fused and not use_core
+        self.qkv_split = cpu_kernels.qkv_split_op(num_heads) if use_parts else None
+        self.fused_softmax = cpu_kernels.softmax_op() if use_parts else None
 
     def construct(self, x):
         b, n, c = x.shape
         qkv = self.qkv(x)
         if self.fused_attn is not None and qkv.dtype == ms.float32:
             return self.proj_drop(self.proj(self.fused_attn(qkv, self.scale_t)[0]))
-        if self.fused and qkv.dtype == ms.float32:
+        if self.qkv_split is not None and qkv.dtype == ms.float32:
             q, k, v = self.qkv_split(qkv, self.scale_t)  # q already multiplied by scale
             attn = self.q_matmul_k(q, k)
             attn = self.attn_drop(self.fused_softmax(attn))
@@ -305,21 +308,18 @@ class Mlp(nn.Cell):
         self.drop1 = nn.Dropout(p=drop) if drop > 0 else nn.Identity()
         self.fc2 = _dense(hidden_features, in_features)
         self.drop2 = nn.Dropout(p=drop) if drop > 0 else nn.Identity()
-        # CPU fp32: fc1's bias add and the GELU in one kernel (backward: one kernel for both grads)
         self.fused = cpu_kernels.enabled()
-        self.bias_gelu = cpu_kernels.bias_gelu_op() if self.fused else None
+        # without oneDNN's GEMM (fc1.linear is None): fc1's bias add and the GELU in one kernel
+        self.bias_gelu = cpu_kernels.bias_gelu_op() if self.fused and self.fc1.linear is None else None
 
     def construct(self, x):
-        if self.fc1.linear is not None and x.dtype == ms.float32:
-            # one GEMM operator (bias included) and the fused GELU: two outputs, as below
-            return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
-        h = self.fc1.matmul_2d(x)
-        if self.fused and h.dtype == ms.float32:
-            h = self.bias_gelu(h, self.fc1.bias)
-        else:
-            h = self.act(self.fc1.add_bias(h))
-        y = self.fc2(self.drop1(h))
-        return self.drop2(y).reshape(x.shape[:-1] + (self.fc2.out_channels,))
+        if self.bias_gelu is not None:
+            h = self.fc1.matmul_2d(x)
+            if h.dtype == ms.float32:
+                y = self.fc2(self.drop1(self.bias_gelu(h, self.fc1.bias)))
+                return self.drop2(y).reshape(x.shape)
+        # with oneDNN's GEMM: fc1 is one operator (bias included), act the fused GELU
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
 class SwiGLUPacked(nn.Cell):

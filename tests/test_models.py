@@ -11,6 +11,9 @@ MODES = [pytest.param(ms.PYNATIVE_MODE, id="pynative"), pytest.param(ms.GRAPH_MO
 # The fused CPU kernels (util_mindspore/cpu_kernels.py, on by default on CPU) and MindSpore's own
 # operators (the path on GPU/Ascend, for fp16, and without a C++ compiler) must both be the original.
 KERNELS = [pytest.param(True, id="fused_kernels"), pytest.param(False, id="ms_ops")]
+# A MindSpore build without libdnnl: the kernels are on, Linear/attention fall back to MatMul with
+# the fused bias add, bias+GELU, q/k/v split and softmax.
+NO_GEMM = pytest.param("no_gemm", id="fused_kernels_without_onednn_gemm")
 
 
 @pytest.fixture
@@ -19,6 +22,11 @@ def kernels(request, monkeypatch):
     monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "1" if request.param else "0")
     if request.param:
         assert cpu_kernels.enabled(), cpu_kernels.status()
+    if request.param == "no_gemm":
+        cpu_kernels.library_path()
+        monkeypatch.setitem(cpu_kernels._state, "gemm", 0)  # as if dnnl_sgemm were not found
+        assert not cpu_kernels.linear_available()
+        return True
     return request.param
 
 
@@ -146,7 +154,7 @@ def test_full_size_key_sets_and_shapes_equal_original():
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("kernels", KERNELS, indirect=True)
+@pytest.mark.parametrize("kernels", KERNELS + [NO_GEMM], indirect=True)
 @pytest.mark.parametrize("mode", MODES)
 def test_gradients_match_original(mode, kernels):
     import torch
