@@ -90,24 +90,15 @@ def worker_sgemm(cfg):
     n = cfg.get('n', 4096)
     a = np.random.rand(n, n).astype(np.float32)
     b = np.random.rand(n, n).astype(np.float32)
-    best = {}
-    a @ b
-    t = []
-    for _ in range(3):
-        s = time.perf_counter()
-        a @ b
-        t.append(time.perf_counter() - s)
-    best['numpy'] = 2 * n ** 3 / min(t) / 1e9
+
+    def gflops(x, y):  # one warm-up, best of 3
+        _, times = _timed(lambda: x @ y, 3)
+        return 2 * n ** 3 / min(times) / 1e9
+
+    best = {'numpy': gflops(a, b)}
     try:
         import torch
-        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-        ta @ tb
-        t = []
-        for _ in range(3):
-            s = time.perf_counter()
-            ta @ tb
-            t.append(time.perf_counter() - s)
-        best['torch'] = 2 * n ** 3 / min(t) / 1e9
+        best['torch'] = gflops(torch.from_numpy(a), torch.from_numpy(b))
     except ImportError:
         pass
     return best

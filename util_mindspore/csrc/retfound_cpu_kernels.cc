@@ -368,6 +368,24 @@ int BiasMap(int nparam, void **params, int *ndims, int64_t **shapes, const char 
   return 0;
 }
 
+// out = (x +) y * s[b] over samples b of y (B, ..): x == nullptr for the plain scaling.
+void RowScaleInto(const float *x, const float *y, const float *sc, float *out, int64_t bsz, int64_t per) {
+  ParallelFor(bsz * per, 16384, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi;) {
+      const int64_t b = i / per, end = std::min(hi, (b + 1) * per);
+      const float f = sc[b];
+      if (x == nullptr) {
+#pragma omp simd
+        for (int64_t j = i; j < end; ++j) out[j] = y[j] * f;
+      } else {
+#pragma omp simd
+        for (int64_t j = i; j < end; ++j) out[j] = x[j] + y[j] * f;
+      }
+      i = end;
+    }
+  });
+}
+
 }  // namespace
 
 extern "C" {
@@ -568,46 +586,24 @@ int RfSoftmaxBwd(int nparam, void **params, int *ndims, int64_t **shapes, const 
 }
 
 // ---------------------------------------------------------------- stochastic depth
-// RowScale(x (B, ..), s (B)) -> y = x * s[b] (drop path: s = mask / keep_prob; its own gradient too)
+// RowScale(y (B, ..), s (B)) -> y * s[b] (drop path: s = mask / keep_prob; its own gradient too)
 int RfRowScale(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   if (nparam != 3 || !AllF32(nparam, dtypes)) return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  const float *sc = static_cast<const float *>(params[1]);
-  float *y = static_cast<float *>(params[2]);
   const int64_t bsz = shapes[0][0];
   if (Numel(ndims[1], shapes[1]) != bsz) return 2;
-  const int64_t per = Numel(ndims[0], shapes[0]) / bsz;
-  ParallelFor(bsz * per, 16384, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi;) {
-      const int64_t b = i / per, end = std::min(hi, (b + 1) * per);
-      const float f = sc[b];
-#pragma omp simd
-      for (int64_t j = i; j < end; ++j) y[j] = x[j] * f;
-      i = end;
-    }
-  });
+  RowScaleInto(nullptr, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+               static_cast<float *>(params[2]), bsz, Numel(ndims[0], shapes[0]) / bsz);
   return 0;
 }
 
 // AddRowScale(x, y (B, ..), s (B)) -> x + y * s[b]: a residual connection through drop path
 int RfAddRowScale(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   if (nparam != 4 || !AllF32(nparam, dtypes)) return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  const float *y = static_cast<const float *>(params[1]);
-  const float *sc = static_cast<const float *>(params[2]);
-  float *out = static_cast<float *>(params[3]);
   const int64_t bsz = shapes[0][0];
   if (Numel(ndims[2], shapes[2]) != bsz || Numel(ndims[1], shapes[1]) != Numel(ndims[0], shapes[0])) return 2;
-  const int64_t per = Numel(ndims[0], shapes[0]) / bsz;
-  ParallelFor(bsz * per, 16384, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi;) {
-      const int64_t b = i / per, end = std::min(hi, (b + 1) * per);
-      const float f = sc[b];
-#pragma omp simd
-      for (int64_t j = i; j < end; ++j) out[j] = x[j] + y[j] * f;
-      i = end;
-    }
-  });
+  RowScaleInto(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+               static_cast<const float *>(params[2]), static_cast<float *>(params[3]), bsz,
+               Numel(ndims[0], shapes[0]) / bsz);
   return 0;
 }
 
