@@ -193,10 +193,12 @@ class Attention(nn.Cell):
         self.fused = cpu_kernels.enabled()
         self.scale_t = cpu_kernels.scalar(self.scale)
         # With oneDNN's GEMM: the whole core (split, q k^T, softmax, p v, head merge) in one
-        # operator that keeps only softmax(p) for its backward. Otherwise the split and the
-        # softmax alone are fused.
-        use_core = self.fused and attn_drop == 0 and cpu_kernels.linear_available()
-        self.fused_attn = cpu_kernels.attention_op(num_heads) if use_core else None
+        # operator that keeps only softmax(p) for its backward; its GEMMs take bf16 inputs in the
+        # --cpu_bf16 mode, like the Linear layers (torch's bf16 autocast runs timm's
+        # scaled_dot_product_attention in bf16 too). Otherwise the split and the softmax alone are fused.
+        bf16 = self.fused and cpu_kernels.bf16_matmul()
+        use_core = self.fused and attn_drop == 0 and cpu_kernels.linear_available(bf16)
+        self.fused_attn = cpu_kernels.attention_op(num_heads, bf16=bf16) if use_core else None
         use_parts = self.fused and not use_core
         self.qkv_split = cpu_kernels.qkv_split_op(num_heads) if use_parts else None
         self.fused_softmax = cpu_kernels.softmax_op() if use_parts else None

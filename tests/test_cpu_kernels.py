@@ -238,6 +238,49 @@ def test_attention_core_matches_timm(mode, b, n, heads, hd):
     _close(grads[0], tgrads[0], 5e-6, 'dqkv')
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_bf16_attention_core_is_bf16_gemm_inputs_with_fp32_softmax(mode):
+    if not K.linear_available(bf16=True):
+        pytest.skip(K.status())
+    rs = np.random.RandomState(11)
+    b, n, heads, hd = 2, 37, 3, 16
+    c = heads * hd
+    qkv = (rs.standard_normal((b, n, 3 * c)) * 2).astype(np.float32)
+    dout = rs.standard_normal((b, n, c)).astype(np.float32)
+    scale = hd ** -0.5
+    with ms_mode(mode):
+        net = _Apply(K.attention_op(heads, bf16=True), K.scalar(scale))
+        out, p = (t.asnumpy() for t in net(ms.Tensor(qkv)))
+        dqkv = _Grad(net)(ms.Tensor(qkv), (ms.Tensor(dout), ops.zeros_like(ms.Tensor(p))))[0].asnumpy()
+    # float64 reference on the bf16-rounded GEMM inputs; where the kernel rounds one of its own
+    # fp32 intermediates (p, the softmax gradient) the reference rounds the kernel's value
+    split = lambda t: t.reshape(b, n, 3, heads, hd).transpose(2, 0, 3, 1, 4)  # noqa: E731
+    q, k, v = split(_bf16(qkv))
+    s = scale * q @ k.transpose(0, 1, 3, 2)
+    p_ref = np.exp(s - s.max(-1, keepdims=True))
+    p_ref /= p_ref.sum(-1, keepdims=True)
+    _close(p, p_ref, 2e-6, 'softmax probabilities')
+    merge = lambda t: t.transpose(0, 2, 1, 3).reshape(b, n, c)  # noqa: E731
+    _close(out, merge(_bf16(p) @ v), 1e-6, 'out')
+    go = _bf16(dout).reshape(b, n, heads, hd).transpose(0, 2, 1, 3)
+    dv = _bf16(p).transpose(0, 1, 3, 2) @ go
+    dp = go @ v.transpose(0, 1, 3, 2)
+    p64 = p.astype(np.float64)
+    ds = p64 * (dp - (dp * p64).sum(-1, keepdims=True))
+    dq, dk = scale * _bf16(ds) @ k, scale * _bf16(ds).transpose(0, 1, 3, 2) @ q
+    dqkv_ref = np.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(b, n, 3 * c)
+    got = dqkv.reshape(b, n, 3, c)
+    ref = dqkv_ref.reshape(b, n, 3, c)
+    _close(got[:, :, 2], ref[:, :, 2], 1e-6, 'dv')
+    # ds is rounded to bf16 from the kernel's fp32 value, the reference's from float64: an element
+    # on a rounding boundary may go to the neighbouring bf16 number (2^-8 relative; 1.4e-7 here)
+    _close(got[:, :, :2], ref[:, :, :2], 1e-4, 'dq, dk')
+    # and it is really bf16: the fp32 core differs by far more than the accumulation error
+    with ms_mode(mode):
+        out32 = _Apply(K.attention_op(heads), K.scalar(scale))(ms.Tensor(qkv))[0].asnumpy()
+    assert np.max(np.abs(out - out32)) > 1e-4
+
+
 @pytest.mark.torch
 @pytest.mark.parametrize("mode", MODES)
 def test_drop_path_operators_match_timm_drop_path(mode):

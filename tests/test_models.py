@@ -83,6 +83,40 @@ def test_logits_match_original(mode, global_pool, kernels):
 
 
 @pytest.mark.torch
+@pytest.mark.parametrize("mode", MODES)
+def test_cpu_bf16_logits_track_torch_bf16_autocast(mode, monkeypatch):
+    """--cpu_bf16 (bf16 GEMM inputs in the Linear layers and the attention core) beside the
+    original under torch.autocast('cpu', torch.bfloat16): both only round GEMM inputs (torch also
+    rounds the Linear outputs), so they agree to bf16 precision, and both are that far from fp32."""
+    import torch
+    from util_mindspore import cpu_kernels
+    from tests.original_reference import retfound_vit, randomize_, state_dict_numpy
+    if not cpu_kernels.linear_available(bf16=True):
+        pytest.skip(cpu_kernels.status())
+    tm = randomize_(retfound_vit(global_pool=True, num_classes=3, **TINY), seed=4).eval()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref32 = tm(x).numpy()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            ref16 = tm(x).float().numpy()
+    state = state_dict_numpy(tm)
+    with ms_mode(mode):
+        m32 = load_numpy_state(tiny_vit(global_pool=True), state)
+        monkeypatch.setitem(cpu_kernels._state, 'bf16_matmul', True)  # what main's --cpu_bf16 sets
+        m16 = load_numpy_state(tiny_vit(global_pool=True), state)
+        assert m16.blocks[0].attn.qkv.bf16 and m16.blocks[0].attn.fused_attn is not None
+        m32.set_train(False)
+        m16.set_train(False)
+        out32 = m32(ms.Tensor(x.numpy())).asnumpy()
+        out16 = m16(ms.Tensor(x.numpy())).asnumpy()
+    scale = float(np.max(np.abs(ref32)))
+    assert _max_abs(out32, ref32) <= 1e-5
+    assert 1e-4 * scale < _max_abs(out16, ref32) <= 1e-2 * scale  # really bf16, and only that far
+    assert _max_abs(out16, ref16) <= 1e-2 * scale
+    assert _max_abs(ref16, ref32) > 1e-4 * scale
+
+
+@pytest.mark.torch
 def test_fc_norm_is_applied_twice_like_original_and_single_is_optional():
     """PARITY: under timm 0.9 the original applies fc_norm twice; our default does too."""
     import torch

@@ -299,7 +299,7 @@ def linear_op(bf16=False):
     return _custom(name + 'Fwd', lambda x, w, b: list(x[:-1]) + [w[0]], lambda x, w, b: x, bprop)
 
 
-def attention_op(num_heads):
+def attention_op(num_heads, bf16=False):
     """op(qkv (B, N, 3C), scale (1,)) -> (out (B, N, C), p (B, num_heads, N, N)).
 
     timm's attention core in one operator: q, k, v read in place from the qkv projection
@@ -307,19 +307,25 @@ def attention_op(num_heads):
     heads merged back (transpose(1, 2).reshape(B, N, C)). ``p`` is kept for the backward kernel;
     the scores, the split q/k/v and the unmerged output never exist. oneDNN GEMMs, one
     (batch, head) pair per task. No attention dropout (RETFound uses none).
+
+    ``bf16=True`` (the --cpu_bf16 mode): q, k, v, p (and in the backward dout and the softmax
+    gradient) enter the GEMMs rounded to bfloat16, with fp32 accumulation; softmax, ``p`` and
+    ``out`` stay fp32 — what torch.autocast('cpu', torch.bfloat16) does in timm's
+    scaled_dot_product_attention, except that the output stays fp32.
     """
     heads = int(num_heads)
+    name = 'RfAttnBf16' if bf16 else 'RfAttn'
 
     def fwd_shape(qkv, scale):
         b, n, c3 = qkv
         return [b, n, c3 // 3], [b, heads, n, n]
 
-    bwd = _custom('RfAttnBwd', lambda qkv, p, d, s: qkv, lambda qkv, p, d, s: qkv)
+    bwd = _custom(name + 'Bwd', lambda qkv, p, d, s: qkv, lambda qkv, p, d, s: qkv)
 
     def bprop(qkv, scale, out, dout):
         return bwd(qkv, out[1], dout[0], scale), ops.zeros_like(scale)
 
-    return _custom('RfAttnFwd', fwd_shape, lambda qkv, s: (qkv, qkv), bprop)
+    return _custom(name + 'Fwd', fwd_shape, lambda qkv, s: (qkv, qkv), bprop)
 
 
 def row_scale_op():

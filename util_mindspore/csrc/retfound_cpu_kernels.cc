@@ -278,15 +278,55 @@ inline uint16_t ToBf16(float f) {
   return static_cast<uint16_t>((b & 0x7FFFFFFFu) > 0x7F800000u ? nan : rounded);
 }
 
-std::vector<uint16_t> ToBf16Copy(const float *x, int64_t n) {
-  std::vector<uint16_t> out(static_cast<size_t>(n));
-  uint16_t *o = out.data();
-  ParallelFor(n, 1 << 16, [&](int64_t lo, int64_t hi) {
+// x (n floats) rounded to bf16 into o, on the calling thread.
+inline void ToBf16Into(const float *x, uint16_t *o, int64_t n) {
 #pragma omp simd
-    for (int64_t i = lo; i < hi; ++i) o[i] = ToBf16(x[i]);
-  });
-  return out;
+  for (int64_t i = 0; i < n; ++i) o[i] = ToBf16(x[i]);
 }
+
+// Scratch buffers for bf16 copies, reused across calls: a fresh std::vector per call costs
+// page faults and a zero-fill, two extra passes over ViT-L's weights per forward. A lease takes a
+// buffer from a shared free list (or makes one) and gives it back when it goes out of scope, so
+// the number of buffers is the number in use at once (3 per running Linear kernel), not one set
+// per thread that ever launched a kernel. Buffers only grow.
+class Bf16Lease {
+ public:
+  Bf16Lease() {
+    std::lock_guard<std::mutex> lock(Mu());
+    if (!Free().empty()) {
+      buf_ = std::move(Free().back());
+      Free().pop_back();
+    }
+  }
+  ~Bf16Lease() {
+    std::lock_guard<std::mutex> lock(Mu());
+    Free().push_back(std::move(buf_));
+  }
+  Bf16Lease(const Bf16Lease &) = delete;
+  Bf16Lease &operator=(const Bf16Lease &) = delete;
+
+  // x (n floats) rounded to bf16 (nearest even) into this lease's buffer, over the threads.
+  const uint16_t *Convert(const float *x, int64_t n) {
+    if (buf_.size() < static_cast<size_t>(n)) {
+      buf_ = std::vector<uint16_t>();  // free first: never hold the old and the new size at once
+      buf_.resize(static_cast<size_t>(n));
+    }
+    uint16_t *o = buf_.data();
+    ParallelFor(n, 1 << 16, [&](int64_t lo, int64_t hi) { ToBf16Into(x + lo, o + lo, hi - lo); });
+    return o;
+  }
+
+ private:
+  static std::mutex &Mu() {
+    static std::mutex mu;
+    return mu;
+  }
+  static std::vector<std::vector<uint16_t>> &Free() {
+    static std::vector<std::vector<uint16_t>> free_list;
+    return free_list;
+  }
+  std::vector<uint16_t> buf_;
+};
 
 // C (m x n, row-major, ldc) = op(A) op(B) [+ C when accumulate], split over threads by rows of C
 // (each thread one sequential oneDNN call on its row block). op(A) rows start at A + r * a_row_step.
@@ -316,8 +356,9 @@ int LinearFwd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
     for (int64_t i = lo; i < hi; ++i) std::memcpy(y + i * n, b, sizeof(float) * n);
   });
   if (kBf16) {
-    const std::vector<uint16_t> xb = ToBf16Copy(x, m * k), wb = ToBf16Copy(w, n * k);
-    return Gemm(GetDnnl().bf16, 'N', 'T', m, n, k, xb.data(), k, k, wb.data(), k, true, y, n);
+    Bf16Lease xl, wl;
+    const uint16_t *xb = xl.Convert(x, m * k), *wb = wl.Convert(w, n * k);
+    return Gemm(GetDnnl().bf16, 'N', 'T', m, n, k, xb, k, k, wb, k, true, y, n);
   }
   return Gemm(GetDnnl().sgemm, 'N', 'T', m, n, k, x, k, k, w, k, true, y, n);
 }
@@ -338,9 +379,10 @@ int LinearBwd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   ColSum(dy, m, n, db);
   int s;
   if (kBf16) {
-    const std::vector<uint16_t> xb = ToBf16Copy(x, m * k), wb = ToBf16Copy(w, n * k), gb = ToBf16Copy(dy, m * n);
-    s = Gemm(GetDnnl().bf16, 'N', 'N', m, k, n, gb.data(), n, n, wb.data(), k, false, dx, k);
-    if (s == 0) s = Gemm(GetDnnl().bf16, 'T', 'N', n, k, m, gb.data(), n, 1, xb.data(), k, false, dw, k);
+    Bf16Lease xl, wl, gl;
+    const uint16_t *xb = xl.Convert(x, m * k), *wb = wl.Convert(w, n * k), *gb = gl.Convert(dy, m * n);
+    s = Gemm(GetDnnl().bf16, 'N', 'N', m, k, n, gb, n, n, wb, k, false, dx, k);
+    if (s == 0) s = Gemm(GetDnnl().bf16, 'T', 'N', n, k, m, gb, n, 1, xb, k, false, dw, k);
   } else {
     s = Gemm(GetDnnl().sgemm, 'N', 'N', m, k, n, dy, n, n, w, k, false, dx, k);
     if (s == 0) s = Gemm(GetDnnl().sgemm, 'T', 'N', n, k, m, dy, n, 1, x, k, false, dw, k);
@@ -607,15 +649,21 @@ int RfAddRowScale(int nparam, void **params, int *ndims, int64_t **shapes, const
   return 0;
 }
 
+}  // extern "C"
+
 // ---------------------------------------------------------------- attention core
 // AttnFwd(qkv (B, N, 3C), scale (1)) -> (out (B, N, C), p (B, H, N, N)), H from p's shape:
 // for each (batch, head), with q, k, v read in place from qkv (timm's reshape-permute layout),
 //   p = softmax(scale * q k^T),  out[:, h*hd:(h+1)*hd] = p v   (heads merged as timm's transpose).
 // One task per (batch, head) on the thread pool, each making sequential oneDNN calls.
-int RfAttnFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+// kBf16 (the --cpu_bf16 mode, as torch.autocast's bf16 scaled_dot_product_attention): q, k, v
+// and p enter the two GEMMs rounded to bf16, accumulation, softmax, p and out stay fp32.
+template <bool kBf16>
+int AttnFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam != 4 || !AllF32(nparam, dtypes) || ndims[0] != 3 || ndims[3] != 4) return 1;
-  const SgemmFn gemm = GetDnnl().sgemm;
-  if (gemm == nullptr) return 3;
+  const SgemmFn sgemm = GetDnnl().sgemm;
+  const Bf16GemmFn bgemm = GetDnnl().bf16;
+  if (kBf16 ? bgemm == nullptr : sgemm == nullptr) return 3;
   const float *qkv = static_cast<const float *>(params[0]);
   const float scale = *static_cast<const float *>(params[1]);
   float *out = static_cast<float *>(params[2]);
@@ -624,14 +672,28 @@ int RfAttnFwd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   const int64_t c = c3 / 3, hd = c / heads;
   if (c3 != 3 * c || c != heads * hd || shapes[3][0] != bsz || shapes[3][2] != n || shapes[3][3] != n ||
       shapes[2][2] != c) return 2;
+  Bf16Lease qkv_lease;
+  const uint16_t *qkvb = kBf16 ? qkv_lease.Convert(qkv, bsz * n * c3) : nullptr;
   return ParallelStatus(bsz * heads, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<uint16_t> pbf(kBf16 ? static_cast<size_t>(n * n) : 0);
     for (int64_t bh = lo; bh < hi; ++bh) {
-      const int64_t b = bh / heads, h = bh % heads;
-      const float *q = qkv + b * n * c3 + h * hd, *k = q + c, *v = q + 2 * c;
-      float *pb = p + bh * n * n;
-      int st = gemm('N', 'T', n, n, hd, scale, q, c3, k, c3, 0.0f, pb, n);
+      const int64_t b = bh / heads, h = bh % heads, off = b * n * c3 + h * hd;
+      float *pb = p + bh * n * n, *ob = out + b * n * c + h * hd;
+      int st;
+      if (kBf16) {
+        const uint16_t *q = qkvb + off, *k = q + c;
+        st = bgemm('N', 'T', n, n, hd, scale, q, c3, k, c3, 0.0f, pb, n);
+      } else {
+        const float *q = qkv + off, *k = q + c;
+        st = sgemm('N', 'T', n, n, hd, scale, q, c3, k, c3, 0.0f, pb, n);
+      }
       for (int64_t i = 0; i < n && st == 0; ++i) SoftmaxRow(pb + i * n, pb + i * n, n);
-      if (st == 0) st = gemm('N', 'N', n, hd, n, 1.0f, pb, n, v, c3, 0.0f, out + b * n * c + h * hd, c);
+      if (st == 0 && kBf16) {
+        ToBf16Into(pb, pbf.data(), n * n);
+        st = bgemm('N', 'N', n, hd, n, 1.0f, pbf.data(), n, qkvb + off + 2 * c, c3, 0.0f, ob, c);
+      } else if (st == 0) {
+        st = sgemm('N', 'N', n, hd, n, 1.0f, pb, n, qkv + off + 2 * c, c3, 0.0f, ob, c);
+      }
       if (st != 0) return 10 + st;
     }
     return 0;
@@ -640,10 +702,13 @@ int RfAttnFwd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
 
 // AttnBwd(qkv, p, dout, scale) -> dqkv (B, N, 3C), the gradient of AttnFwd's out:
 //   dv = p^T dout,  dp = dout v^T,  ds = p * (dp - rowsum(dp * p)),  dq = scale ds k,  dk = scale ds^T q
-int RfAttnBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+// kBf16: the GEMM inputs (p, dout, q, k, v, ds) rounded to bf16; ds itself is computed in fp32.
+template <bool kBf16>
+int AttnBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam != 5 || !AllF32(nparam, dtypes) || ndims[0] != 3 || ndims[1] != 4) return 1;
-  const SgemmFn gemm = GetDnnl().sgemm;
-  if (gemm == nullptr) return 3;
+  const SgemmFn sgemm = GetDnnl().sgemm;
+  const Bf16GemmFn bgemm = GetDnnl().bf16;
+  if (kBf16 ? bgemm == nullptr : sgemm == nullptr) return 3;
   const float *qkv = static_cast<const float *>(params[0]);
   const float *p = static_cast<const float *>(params[1]);
   const float *dout = static_cast<const float *>(params[2]);
@@ -652,24 +717,42 @@ int RfAttnBwd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   const int64_t bsz = shapes[0][0], n = shapes[0][1], c3 = shapes[0][2], heads = shapes[1][1];
   const int64_t c = c3 / 3, hd = c / heads;
   if (c3 != 3 * c || c != heads * hd || shapes[1][0] != bsz || shapes[1][2] != n || shapes[2][2] != c) return 2;
+  Bf16Lease qkv_lease, dout_lease;
+  const uint16_t *qkvb = kBf16 ? qkv_lease.Convert(qkv, bsz * n * c3) : nullptr;
+  const uint16_t *doutb = kBf16 ? dout_lease.Convert(dout, bsz * n * c) : nullptr;
   return ParallelStatus(bsz * heads, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> ds(static_cast<size_t>(n * n));
+    std::vector<uint16_t> pbf(kBf16 ? static_cast<size_t>(n * n) : 0), dsbf(pbf.size());
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / heads, h = bh % heads;
-      const int64_t off = b * n * c3 + h * hd;
-      const float *q = qkv + off, *k = q + c, *v = q + 2 * c;
+      const int64_t off = b * n * c3 + h * hd, goff = b * n * c + h * hd;
       float *dq = dqkv + off, *dk = dq + c, *dv = dq + 2 * c;
-      const float *pb = p + bh * n * n, *go = dout + b * n * c + h * hd;
-      int st = gemm('T', 'N', n, hd, n, 1.0f, pb, n, go, c, 0.0f, dv, c3);
-      if (st == 0) st = gemm('N', 'T', n, n, hd, 1.0f, go, c, v, c3, 0.0f, ds.data(), n);
-      for (int64_t i = 0; i < n && st == 0; ++i) SoftmaxGradRow(pb + i * n, ds.data() + i * n, ds.data() + i * n, n);
-      if (st == 0) st = gemm('N', 'N', n, hd, n, scale, ds.data(), n, k, c3, 0.0f, dq, c3);
-      if (st == 0) st = gemm('T', 'N', n, hd, n, scale, ds.data(), n, q, c3, 0.0f, dk, c3);
+      const float *pb = p + bh * n * n;
+      int st;
+      if (kBf16) {
+        const uint16_t *q = qkvb + off, *k = q + c, *v = q + 2 * c, *go = doutb + goff;
+        ToBf16Into(pb, pbf.data(), n * n);
+        st = bgemm('T', 'N', n, hd, n, 1.0f, pbf.data(), n, go, c, 0.0f, dv, c3);
+        if (st == 0) st = bgemm('N', 'T', n, n, hd, 1.0f, go, c, v, c3, 0.0f, ds.data(), n);
+        for (int64_t i = 0; i < n && st == 0; ++i) SoftmaxGradRow(pb + i * n, ds.data() + i * n, ds.data() + i * n, n);
+        if (st == 0) ToBf16Into(ds.data(), dsbf.data(), n * n);
+        if (st == 0) st = bgemm('N', 'N', n, hd, n, scale, dsbf.data(), n, k, c3, 0.0f, dq, c3);
+        if (st == 0) st = bgemm('T', 'N', n, hd, n, scale, dsbf.data(), n, q, c3, 0.0f, dk, c3);
+      } else {
+        const float *q = qkv + off, *k = q + c, *v = q + 2 * c, *go = dout + goff;
+        st = sgemm('T', 'N', n, hd, n, 1.0f, pb, n, go, c, 0.0f, dv, c3);
+        if (st == 0) st = sgemm('N', 'T', n, n, hd, 1.0f, go, c, v, c3, 0.0f, ds.data(), n);
+        for (int64_t i = 0; i < n && st == 0; ++i) SoftmaxGradRow(pb + i * n, ds.data() + i * n, ds.data() + i * n, n);
+        if (st == 0) st = sgemm('N', 'N', n, hd, n, scale, ds.data(), n, k, c3, 0.0f, dq, c3);
+        if (st == 0) st = sgemm('T', 'N', n, hd, n, scale, ds.data(), n, q, c3, 0.0f, dk, c3);
+      }
       if (st != 0) return 10 + st;
     }
     return 0;
   });
 }
+
+extern "C" {
 
 // ---------------------------------------------------------------- attention head split
 // QkvSplit(qkv (B, N, 3*H*hd), scale (1)) -> q, k, v each (B, H, N, hd); q is multiplied by
@@ -746,6 +829,20 @@ int RfLinearBf16Fwd(int nparam, void **params, int *ndims, int64_t **shapes, con
 }
 int RfLinearBf16Bwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   return LinearBwd<true>(nparam, params, ndims, shapes, dtypes);
+}
+
+// Attention core: fp32, and with bf16 GEMM inputs (see AttnFwd)
+int RfAttnFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  return AttnFwd<false>(nparam, params, ndims, shapes, dtypes);
+}
+int RfAttnBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  return AttnBwd<false>(nparam, params, ndims, shapes, dtypes);
+}
+int RfAttnBf16Fwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  return AttnFwd<true>(nparam, params, ndims, shapes, dtypes);
+}
+int RfAttnBf16Bwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  return AttnBwd<true>(nparam, params, ndims, shapes, dtypes);
 }
 
 }  // extern "C"
