@@ -106,9 +106,9 @@ def get_args_parser():
     g.add_argument("--amp_level", default="O0", choices=["O0", "O1", "O2", "O3"],
                    help="[MindSpore] mixed precision level (O0 = fp32, the original's behaviour on CPU)")
     g.add_argument("--cpu_bf16", action="store_true",
-                   help="[MindSpore, CPU] Linear layers multiply in bfloat16 (fp32 accumulation, fp32 weights and "
-                        "activations) through oneDNN, like torch.autocast('cpu', torch.bfloat16); ~1.6x faster "
-                        "training on CPUs with AVX512-BF16/AMX")
+                   help="[MindSpore, CPU] Linear layers and the attention core multiply in bfloat16 (fp32 "
+                        "accumulation, fp32 weights, activations and softmax) through oneDNN, like "
+                        "torch.autocast('cpu', torch.bfloat16); ~1.6x faster training on CPUs with AVX512-BF16/AMX")
     g.add_argument("--seed", default=0, type=int)
     g.add_argument("--resume", default="", help="Resume from checkpoint (.ckpt of ours, or the original's .pth)")
     g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="Start epoch")

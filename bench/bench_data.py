@@ -11,9 +11,14 @@ original's DataLoader without ``persistent_workers``: it starts its workers ever
 Medians over ``--repeats`` runs in one process; the per-run ratios are printed too.
 
     .venv/bin/python bench/bench_data.py --n 64 --workers 2 --epochs 3 --repeats 3
+
+The table is printed and written to bench/RESULTS_data.md (``--out``) with the machine and the
+command; bench/bench_model.py puts that file's table next to the model images/s in its results.
 """
 import argparse
+import datetime
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -22,7 +27,8 @@ import time
 import numpy as np
 from PIL import Image, ImageOps
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from util_mindspore.datasets import build_dataset, create_loader  # noqa: E402
 
@@ -91,6 +97,8 @@ def main():
     p.add_argument('--batch', type=int, default=16)
     p.add_argument('--epochs', type=int, default=3, help='epochs per run; steady state = epochs 2..')
     p.add_argument('--repeats', type=int, default=3, help='interleaved runs per pipeline; medians reported')
+    p.add_argument('--out', default=os.path.join(ROOT, 'bench', 'RESULTS_data.md'),
+                   help="markdown results file ('' to only print)")
     a = p.parse_args()
     if a.epochs < 2:
         p.error('--epochs must be >= 2 (the first epoch is reported apart from the steady state)')
@@ -126,17 +134,45 @@ def main():
                 for _, _, close in runs.values():
                     close()
         steady = {k: [n / t for n, t in v] for k, v in steady.items()}
-    print(f'\n{a.n} JPEGs {a.size}x{a.size} -> {a.input_size}, {a.workers} workers, batch {a.batch}, '
-          f'{a.epochs} epochs per run, median of {a.repeats} interleaved runs (images/s)\n')
-    print('| pipeline | epoch | ours (MindSpore) | original (torch) | ratio ours/torch, median of runs |')
-    print('|---|---|---|---|---|')
+    lines = [f'{a.n} JPEGs {a.size}x{a.size} -> {a.input_size}, {a.workers} workers, batch {a.batch}, '
+             f'{a.epochs} epochs per run, median of {a.repeats} interleaved runs (images/s)', '',
+             '| pipeline | epoch | ours (MindSpore) | original (torch) | ratio ours/torch, median of runs |',
+             '|---|---|---|---|---|']
     for split in ('train', 'val'):
         label = 'train (RRC+RandAugment+RE)' if split == 'train' else 'eval (resize+crop)'
         for kind, res in (('first', first), (f'2..{a.epochs}', steady)):
             o, t = statistics.median(res[(split, 'ours')]), statistics.median(res[(split, 'torch')])
             ratios = [x / y for x, y in zip(res[(split, 'ours')], res[(split, 'torch')])]
-            print(f'| {label} | {kind} | {o:.1f} | {t:.1f} | {statistics.median(ratios):.2f} '
-                  f'(runs {", ".join(f"{r:.2f}" for r in ratios)}) |')
+            lines.append(f'| {label} | {kind} | {o:.1f} | {t:.1f} | {statistics.median(ratios):.2f} '
+                         f'(runs {", ".join(f"{r:.2f}" for r in ratios)}) |')
+    print('\n' + '\n'.join(lines))
+    if a.out:
+        cmd = 'bench/bench_data.py ' + ' '.join(sys.argv[1:])
+        head = ['# Data pipeline benchmark: MindSpore port vs PyTorch original', '',
+                f'- Machine: {_cpu_name()}, {os.cpu_count()} cores; date {datetime.date.today().isoformat()}; '
+                f'load average at the end {_load():.1f} (>{os.cpu_count()} means other processes competed).',
+                f'- Command: `{cmd.strip()}`', '']
+        with open(a.out, 'w') as f:
+            f.write('\n'.join(head + lines) + '\n')
+        print(f'\nwritten to {a.out}')
+
+
+def _cpu_name():
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or '?'
+
+
+def _load():
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float('nan')
 
 
 if __name__ == '__main__':

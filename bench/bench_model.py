@@ -15,7 +15,7 @@ torch, ...) over ``--repeats`` rounds so both see the same background load; medi
     .venv/bin/python bench/bench_model.py                  # ViT-B/16 and ViT-L/16 (~1.5 h on 2 cores)
 
 The table is printed and written to bench/RESULTS.md (``--out``). Data-pipeline images/s come
-from bench/bench_data.py when its results file exists (see ``data_pipeline_rows``).
+from bench/bench_data.py's results file, bench/RESULTS_data.md, when it exists.
 """
 import argparse
 import datetime
@@ -285,22 +285,22 @@ def run_child(cfg, timeout, mem_limit_gb, verbose=True):
 # ---------------------------------------------------------------------------
 # Table
 # ---------------------------------------------------------------------------
-def data_pipeline_rows():
-    """Hook for bench/bench_data.py (written separately): if it left a results file
-    (bench/data_results.json: a list of {"pipeline", "ours", "torch"} images/s rows) or exposes
-    ``load_results()``, its rows are added to the table; otherwise a pointer is printed."""
-    path = os.path.join(ROOT, 'bench', 'data_results.json')
+DATA_RESULTS = os.path.join(ROOT, 'bench', 'RESULTS_data.md')
+
+
+def data_pipeline_section(path=DATA_RESULTS):
+    """The data-pipeline table bench/bench_data.py wrote (its machine, date and command included),
+    to stand next to the model images/s; a pointer when it has not been run."""
     try:
-        if os.path.exists(path):
-            with open(path) as f:
-                return json.load(f)
-        sys.path.insert(0, os.path.join(ROOT, 'bench'))
-        import bench_data
-        if hasattr(bench_data, 'load_results'):
-            return bench_data.load_results()
-    except Exception as e:  # the data benchmark is optional here
-        print(f'(data pipeline results not read: {e})')
-    return None
+        with open(path, encoding='utf-8') as f:
+            body = [line.rstrip('\n') for line in f]
+    except OSError:
+        return ['Data pipeline images/s: run `bench/bench_data.py` (writes bench/RESULTS_data.md).']
+    if body and body[0].startswith('# '):
+        body = body[1:]  # its own title
+    while body and not body[0].strip():
+        body = body[1:]
+    return ['## Data pipeline images/s (`bench/bench_data.py`, bench/RESULTS_data.md)', ''] + body
 
 
 def _fmt(v, f='{:.2f}'):
@@ -335,7 +335,7 @@ def summarise(results, peak_gflops):
     return rows
 
 
-def render(rows, machine, sgemm, args, data_rows, notes):
+def render(rows, machine, sgemm, args, data_section, notes):
     peak = max(sgemm.values()) if sgemm else None
     lines = [f"# Model benchmark: MindSpore port vs PyTorch original (timm {args.timm_version})", '',
              f"- Machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gb']:.1f} GiB RAM; "
@@ -365,47 +365,13 @@ def render(rows, machine, sgemm, args, data_rows, notes):
                      f"{_fmt(o['peak_frac'] and 100 * o['peak_frac'], '{:.0f}%')} | "
                      f"{_fmt(t['peak_frac'] and 100 * t['peak_frac'], '{:.0f}%')} |")
     lines.append('')
-    if data_rows:
-        lines += ['Data pipeline (from bench/bench_data.py):', '',
-                  '| pipeline | ours img/s | orig img/s | ratio |', '|---|---|---|---|']
-        for d in data_rows:
-            lines.append(f"| {d['pipeline']} | {d['ours']:.1f} | {d['torch']:.1f} | {d['ours'] / d['torch']:.2f} |")
-    else:
-        lines.append('Data pipeline images/s: run `bench/bench_data.py` (no results file found).')
+    lines += data_section
     lines += [''] + notes
     return '\n'.join(lines) + '\n'
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--worker', help=argparse.SUPPRESS)
-    p.add_argument('--quick', action='store_true', help='ViT-B/16 only, fewer steps')
-    p.add_argument('--models', default=None, help='comma list (default: ViT-B; full mode adds ViT-L)')
-    p.add_argument('--batch_base', type=int, default=8)
-    p.add_argument('--batch_large', type=int, default=8)
-    p.add_argument('--eval_batch', type=int, default=16)
-    p.add_argument('--steps', type=int, default=None, help='timed steps after the first (quick 3, full 4)')
-    p.add_argument('--repeats', type=int, default=None, help='interleaved rounds (quick 1, full 2)')
-    p.add_argument('--precisions', default='fp32,fast',
-                   help="'fast' = torch bf16 autocast / ours --ms_fast")
-    p.add_argument('--ms_fast', default='cpu_bf16', choices=['cpu_bf16', 'fp16'],
-                   help="our 'fast' precision: cpu_bf16 = main's --cpu_bf16 (bf16 GEMMs in the Linear layers, "
-                        "fp32 accumulation); fp16 = auto_mixed_precision O2 + loss scaling")
-    p.add_argument('--tasks', default='train,eval')
-    p.add_argument('--ms_modes', default='graph,pynative',
-                   help='MindSpore execution modes to time (each against the same torch runs)')
-    p.add_argument('--timeout', type=float, default=1500, help='seconds per configuration')
-    p.add_argument('--mem_limit_gb', type=float, default=20.0)
-    p.add_argument('--out', default=os.path.join(ROOT, 'bench', 'RESULTS.md'))
-    p.add_argument('--json', default=None, help='also dump raw results here')
-    args = p.parse_args()
-    if args.worker:
-        run_worker(json.loads(args.worker))
-        return
-    models = args.models.split(',') if args.models else (
-        ['vit_base_patch16'] if args.quick else ['vit_base_patch16', 'vit_large_patch16'])
-    args.steps = args.steps or (3 if args.quick else 4)
-    args.repeats = args.repeats or (1 if args.quick else 2)
+def measure(args, models):
+    """Run every configuration in its own child process; fills args' version and load fields."""
     import importlib.metadata as md
     args.ms_version, args.torch_version, args.timm_version = (md.version(n) for n in ('mindspore', 'torch', 'timm'))
     machine = machine_info()
@@ -414,7 +380,6 @@ def main():
     sg = run_child({'backend': 'sgemm', 'model': '-', 'task': '-', 'precision': 'fp32', 'batch': 0},
                    300, args.mem_limit_gb)
     sgemm = {k: v for k, v in sg.items() if k in ('numpy', 'torch')}
-    peak = max(sgemm.values()) if sgemm else None
 
     configs = []
     for m in models:
@@ -440,17 +405,83 @@ def main():
                     results.setdefault(key, {}).setdefault(be if be == 'torch' else f'ms-{mode}', []).append(res)
                     loads.append(res['load'])
     args.load_min, args.load_max = min(loads), max(loads)
+    return machine, sgemm, results
+
+
+RUN_FIELDS = ('quick', 'repeats', 'steps', 'ms_fast', 'load_min', 'load_max', 'ms_version', 'torch_version',
+              'timm_version')
+
+
+def load_json(args):
+    """--from_json: the results of an earlier run (its --json file), to render the table again."""
+    with open(args.from_json) as f:
+        saved = json.load(f)
+    for k, v in saved.get('run', {}).items():  # files from before 'run' was saved: the command line's
+        setattr(args, k, v)
+    results = {}
+    for k, v in saved['results'].items():
+        m, task, prec, batch = k.split('|')
+        results[(m, task, prec, int(batch))] = v
+    loads = [r['load'] for by in results.values() for runs in by.values() for r in runs if 'load' in r]
+    if not hasattr(args, 'load_min') or 'run' not in saved:
+        args.load_min, args.load_max = (min(loads), max(loads)) if loads else (float('nan'),) * 2
+    if not hasattr(args, 'ms_version'):
+        import importlib.metadata as md
+        args.ms_version, args.torch_version, args.timm_version = (
+            md.version(n) for n in ('mindspore', 'torch', 'timm'))
+    return saved['machine'], saved['sgemm'], results
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--worker', help=argparse.SUPPRESS)
+    p.add_argument('--quick', action='store_true', help='ViT-B/16 only, fewer steps')
+    p.add_argument('--models', default=None, help='comma list (default: ViT-B; full mode adds ViT-L)')
+    p.add_argument('--batch_base', type=int, default=8)
+    p.add_argument('--batch_large', type=int, default=8)
+    p.add_argument('--eval_batch', type=int, default=16)
+    p.add_argument('--steps', type=int, default=None, help='timed steps after the first (quick 3, full 4)')
+    p.add_argument('--repeats', type=int, default=None, help='interleaved rounds (quick 1, full 2)')
+    p.add_argument('--precisions', default='fp32,fast',
+                   help="'fast' = torch bf16 autocast / ours --ms_fast")
+    p.add_argument('--ms_fast', default='cpu_bf16', choices=['cpu_bf16', 'fp16'],
+                   help="our 'fast' precision: cpu_bf16 = main's --cpu_bf16 (bf16 GEMMs in the Linear layers, "
+                        "fp32 accumulation); fp16 = auto_mixed_precision O2 + loss scaling")
+    p.add_argument('--tasks', default='train,eval')
+    p.add_argument('--ms_modes', default='graph,pynative',
+                   help='MindSpore execution modes to time (each against the same torch runs)')
+    p.add_argument('--timeout', type=float, default=1500, help='seconds per configuration')
+    p.add_argument('--mem_limit_gb', type=float, default=20.0)
+    p.add_argument('--out', default=os.path.join(ROOT, 'bench', 'RESULTS.md'))
+    p.add_argument('--json', default=None, help='also dump raw results here')
+    p.add_argument('--from_json', default=None,
+                   help='render the table from an earlier run\'s --json file instead of measuring '
+                        '(e.g. after bench/bench_data.py, to add its data-pipeline table)')
+    args = p.parse_args()
+    if args.worker:
+        run_worker(json.loads(args.worker))
+        return
+    models = args.models.split(',') if args.models else (
+        ['vit_base_patch16'] if args.quick else ['vit_base_patch16', 'vit_large_patch16'])
+    args.steps = args.steps or (3 if args.quick else 4)
+    args.repeats = args.repeats or (1 if args.quick else 2)
+    if args.from_json:
+        machine, sgemm, results = load_json(args)
+    else:
+        machine, sgemm, results = measure(args, models)
+    peak = max(sgemm.values()) if sgemm else None
     rows = summarise(results, peak)
-    ours_fast = ('`--cpu_bf16` (Linear-layer GEMMs with bf16 inputs, fp32 accumulation and outputs, through '
-                 'oneDNN; everything else fp32)' if args.ms_fast == 'cpu_bf16' else
+    ours_fast = ('`--cpu_bf16` (the GEMMs of the Linear layers and the attention core with bf16 inputs, fp32 '
+                 'accumulation and outputs, through oneDNN; everything else fp32)' if args.ms_fast == 'cpu_bf16' else
                  'float16 `auto_mixed_precision(O2)` + dynamic loss scaling (2.10 has no CPU bf16 kernels)')
     notes = ['"fast" precision: torch = `torch.autocast("cpu", dtype=torch.bfloat16)` (the CPU has avx512_bf16); '
              f'MindSpore = {ours_fast}.']
     if args.json:
         with open(args.json, 'w') as f:
             json.dump({'machine': machine, 'sgemm': sgemm,
+                       'run': {k: getattr(args, k) for k in RUN_FIELDS},
                        'results': {'|'.join(map(str, k)): v for k, v in results.items()}}, f, indent=1)
-    table = render(rows, machine, sgemm, args, data_pipeline_rows(), notes)
+    table = render(rows, machine, sgemm, args, data_pipeline_section(), notes)
     print('\n' + table)
     with open(args.out, 'w') as f:
         f.write(table)
