@@ -37,6 +37,7 @@
 #include <string>
 #include <system_error>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -328,6 +329,58 @@ class Bf16Lease {
   std::vector<uint16_t> buf_;
 };
 
+// The GEMM of a kernel's precision: fp32 (dnnl_sgemm), or bf16 inputs with fp32 accumulation and
+// output (dnnl_gemm_bf16bf16f32, the --cpu_bf16 mode). In is the GEMM's input element type.
+template <bool kBf16>
+struct Precision {
+  using In = typename std::conditional<kBf16, uint16_t, float>::type;
+  using Fn = typename std::conditional<kBf16, Bf16GemmFn, SgemmFn>::type;
+  static Fn Gemm() {
+    if constexpr (kBf16) {
+      return GetDnnl().bf16;
+    } else {
+      return GetDnnl().sgemm;
+    }
+  }
+};
+
+// A whole fp32 tensor as a GEMM input of precision kBf16: itself, or rounded to bf16 over the
+// threads into a leased scratch buffer (valid while this object lives).
+template <bool kBf16>
+class GemmInput {
+ public:
+  const typename Precision<kBf16>::In *Of(const float *x, int64_t n) {
+    if constexpr (kBf16) {
+      return lease_.Convert(x, n);
+    } else {
+      return x;
+    }
+  }
+
+ private:
+  struct None {};
+  typename std::conditional<kBf16, Bf16Lease, None>::type lease_;
+};
+
+// The same for a small block inside a thread-pool task: converted on the calling thread into a
+// buffer the task owns (reused for every block of the task).
+template <bool kBf16>
+class TaskGemmInput {
+ public:
+  const typename Precision<kBf16>::In *Of(const float *x, int64_t n) {
+    if constexpr (kBf16) {
+      if (buf_.size() < static_cast<size_t>(n)) buf_.resize(static_cast<size_t>(n));
+      ToBf16Into(x, buf_.data(), n);
+      return buf_.data();
+    } else {
+      return x;
+    }
+  }
+
+ private:
+  std::vector<uint16_t> buf_;
+};
+
 // C (m x n, row-major, ldc) = op(A) op(B) [+ C when accumulate], split over threads by rows of C
 // (each thread one sequential oneDNN call on its row block). op(A) rows start at A + r * a_row_step.
 template <typename T, typename Fn>
@@ -355,12 +408,8 @@ int LinearFwd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   ParallelFor(m, 8, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) std::memcpy(y + i * n, b, sizeof(float) * n);
   });
-  if (kBf16) {
-    Bf16Lease xl, wl;
-    const uint16_t *xb = xl.Convert(x, m * k), *wb = wl.Convert(w, n * k);
-    return Gemm(GetDnnl().bf16, 'N', 'T', m, n, k, xb, k, k, wb, k, true, y, n);
-  }
-  return Gemm(GetDnnl().sgemm, 'N', 'T', m, n, k, x, k, k, w, k, true, y, n);
+  GemmInput<kBf16> xg, wg;
+  return Gemm(Precision<kBf16>::Gemm(), 'N', 'T', m, n, k, xg.Of(x, m * k), k, k, wg.Of(w, n * k), k, true, y, n);
 }
 
 // (x (M, K), w (N, K), dy (M, N)) -> dx = dy @ w, dw = dy^T @ x, db = column sums of dy
@@ -377,18 +426,14 @@ int LinearBwd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   if (ndims[1] != 2 || shapes[0][ndims[0] - 1] != k || shapes[2][ndims[2] - 1] != n) return 2;
   const int64_t m = Numel(ndims[0], shapes[0]) / k;
   ColSum(dy, m, n, db);
-  int s;
-  if (kBf16) {
-    Bf16Lease xl, wl, gl;
-    const uint16_t *xb = xl.Convert(x, m * k), *wb = wl.Convert(w, n * k), *gb = gl.Convert(dy, m * n);
-    s = Gemm(GetDnnl().bf16, 'N', 'N', m, k, n, gb, n, n, wb, k, false, dx, k);
-    if (s == 0) s = Gemm(GetDnnl().bf16, 'T', 'N', n, k, m, gb, n, 1, xb, k, false, dw, k);
-  } else {
-    s = Gemm(GetDnnl().sgemm, 'N', 'N', m, k, n, dy, n, n, w, k, false, dx, k);
-    if (s == 0) s = Gemm(GetDnnl().sgemm, 'T', 'N', n, k, m, dy, n, 1, x, k, false, dw, k);
-  }
+  GemmInput<kBf16> xg, wg, gg;
+  const auto *xi = xg.Of(x, m * k), *wi = wg.Of(w, n * k), *gi = gg.Of(dy, m * n);
+  const auto gemm = Precision<kBf16>::Gemm();
+  int s = Gemm(gemm, 'N', 'N', m, k, n, gi, n, n, wi, k, false, dx, k);
+  if (s == 0) s = Gemm(gemm, 'T', 'N', n, k, m, gi, n, 1, xi, k, false, dw, k);
   return s;
 }
+
 // y = f(x + b), x (.., N), b (N), row by row
 template <typename F>
 int BiasMap(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, F f) {
@@ -661,9 +706,8 @@ int RfAddRowScale(int nparam, void **params, int *ndims, int64_t **shapes, const
 template <bool kBf16>
 int AttnFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam != 4 || !AllF32(nparam, dtypes) || ndims[0] != 3 || ndims[3] != 4) return 1;
-  const SgemmFn sgemm = GetDnnl().sgemm;
-  const Bf16GemmFn bgemm = GetDnnl().bf16;
-  if (kBf16 ? bgemm == nullptr : sgemm == nullptr) return 3;
+  const auto gemm = Precision<kBf16>::Gemm();
+  if (gemm == nullptr) return 3;
   const float *qkv = static_cast<const float *>(params[0]);
   const float scale = *static_cast<const float *>(params[1]);
   float *out = static_cast<float *>(params[2]);
@@ -672,28 +716,17 @@ int AttnFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char 
   const int64_t c = c3 / 3, hd = c / heads;
   if (c3 != 3 * c || c != heads * hd || shapes[3][0] != bsz || shapes[3][2] != n || shapes[3][3] != n ||
       shapes[2][2] != c) return 2;
-  Bf16Lease qkv_lease;
-  const uint16_t *qkvb = kBf16 ? qkv_lease.Convert(qkv, bsz * n * c3) : nullptr;
+  GemmInput<kBf16> qkv_g;
+  const auto *qkv_in = qkv_g.Of(qkv, bsz * n * c3);
   return ParallelStatus(bsz * heads, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<uint16_t> pbf(kBf16 ? static_cast<size_t>(n * n) : 0);
+    TaskGemmInput<kBf16> p_g;
     for (int64_t bh = lo; bh < hi; ++bh) {
-      const int64_t b = bh / heads, h = bh % heads, off = b * n * c3 + h * hd;
-      float *pb = p + bh * n * n, *ob = out + b * n * c + h * hd;
-      int st;
-      if (kBf16) {
-        const uint16_t *q = qkvb + off, *k = q + c;
-        st = bgemm('N', 'T', n, n, hd, scale, q, c3, k, c3, 0.0f, pb, n);
-      } else {
-        const float *q = qkv + off, *k = q + c;
-        st = sgemm('N', 'T', n, n, hd, scale, q, c3, k, c3, 0.0f, pb, n);
-      }
+      const int64_t b = bh / heads, h = bh % heads;
+      const auto *q = qkv_in + b * n * c3 + h * hd, *k = q + c, *v = q + 2 * c;
+      float *pb = p + bh * n * n;
+      int st = gemm('N', 'T', n, n, hd, scale, q, c3, k, c3, 0.0f, pb, n);
       for (int64_t i = 0; i < n && st == 0; ++i) SoftmaxRow(pb + i * n, pb + i * n, n);
-      if (st == 0 && kBf16) {
-        ToBf16Into(pb, pbf.data(), n * n);
-        st = bgemm('N', 'N', n, hd, n, 1.0f, pbf.data(), n, qkvb + off + 2 * c, c3, 0.0f, ob, c);
-      } else if (st == 0) {
-        st = sgemm('N', 'N', n, hd, n, 1.0f, pb, n, qkv + off + 2 * c, c3, 0.0f, ob, c);
-      }
+      if (st == 0) st = gemm('N', 'N', n, hd, n, 1.0f, p_g.Of(pb, n * n), n, v, c3, 0.0f, out + b * n * c + h * hd, c);
       if (st != 0) return 10 + st;
     }
     return 0;
@@ -706,9 +739,8 @@ int AttnFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char 
 template <bool kBf16>
 int AttnBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam != 5 || !AllF32(nparam, dtypes) || ndims[0] != 3 || ndims[1] != 4) return 1;
-  const SgemmFn sgemm = GetDnnl().sgemm;
-  const Bf16GemmFn bgemm = GetDnnl().bf16;
-  if (kBf16 ? bgemm == nullptr : sgemm == nullptr) return 3;
+  const auto gemm = Precision<kBf16>::Gemm();
+  if (gemm == nullptr) return 3;
   const float *qkv = static_cast<const float *>(params[0]);
   const float *p = static_cast<const float *>(params[1]);
   const float *dout = static_cast<const float *>(params[2]);
@@ -717,35 +749,24 @@ int AttnBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char 
   const int64_t bsz = shapes[0][0], n = shapes[0][1], c3 = shapes[0][2], heads = shapes[1][1];
   const int64_t c = c3 / 3, hd = c / heads;
   if (c3 != 3 * c || c != heads * hd || shapes[1][0] != bsz || shapes[1][2] != n || shapes[2][2] != c) return 2;
-  Bf16Lease qkv_lease, dout_lease;
-  const uint16_t *qkvb = kBf16 ? qkv_lease.Convert(qkv, bsz * n * c3) : nullptr;
-  const uint16_t *doutb = kBf16 ? dout_lease.Convert(dout, bsz * n * c) : nullptr;
+  GemmInput<kBf16> qkv_g, dout_g;
+  const auto *qkv_in = qkv_g.Of(qkv, bsz * n * c3);
+  const auto *dout_in = dout_g.Of(dout, bsz * n * c);
   return ParallelStatus(bsz * heads, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> ds(static_cast<size_t>(n * n));
-    std::vector<uint16_t> pbf(kBf16 ? static_cast<size_t>(n * n) : 0), dsbf(pbf.size());
+    TaskGemmInput<kBf16> p_g, ds_g;
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / heads, h = bh % heads;
-      const int64_t off = b * n * c3 + h * hd, goff = b * n * c + h * hd;
+      const int64_t off = b * n * c3 + h * hd;
+      const auto *q = qkv_in + off, *k = q + c, *v = q + 2 * c, *go = dout_in + b * n * c + h * hd;
       float *dq = dqkv + off, *dk = dq + c, *dv = dq + 2 * c;
       const float *pb = p + bh * n * n;
-      int st;
-      if (kBf16) {
-        const uint16_t *q = qkvb + off, *k = q + c, *v = q + 2 * c, *go = doutb + goff;
-        ToBf16Into(pb, pbf.data(), n * n);
-        st = bgemm('T', 'N', n, hd, n, 1.0f, pbf.data(), n, go, c, 0.0f, dv, c3);
-        if (st == 0) st = bgemm('N', 'T', n, n, hd, 1.0f, go, c, v, c3, 0.0f, ds.data(), n);
-        for (int64_t i = 0; i < n && st == 0; ++i) SoftmaxGradRow(pb + i * n, ds.data() + i * n, ds.data() + i * n, n);
-        if (st == 0) ToBf16Into(ds.data(), dsbf.data(), n * n);
-        if (st == 0) st = bgemm('N', 'N', n, hd, n, scale, dsbf.data(), n, k, c3, 0.0f, dq, c3);
-        if (st == 0) st = bgemm('T', 'N', n, hd, n, scale, dsbf.data(), n, q, c3, 0.0f, dk, c3);
-      } else {
-        const float *q = qkv + off, *k = q + c, *v = q + 2 * c, *go = dout + goff;
-        st = sgemm('T', 'N', n, hd, n, 1.0f, pb, n, go, c, 0.0f, dv, c3);
-        if (st == 0) st = sgemm('N', 'T', n, n, hd, 1.0f, go, c, v, c3, 0.0f, ds.data(), n);
-        for (int64_t i = 0; i < n && st == 0; ++i) SoftmaxGradRow(pb + i * n, ds.data() + i * n, ds.data() + i * n, n);
-        if (st == 0) st = sgemm('N', 'N', n, hd, n, scale, ds.data(), n, k, c3, 0.0f, dq, c3);
-        if (st == 0) st = sgemm('T', 'N', n, hd, n, scale, ds.data(), n, q, c3, 0.0f, dk, c3);
-      }
+      int st = gemm('T', 'N', n, hd, n, 1.0f, p_g.Of(pb, n * n), n, go, c, 0.0f, dv, c3);
+      if (st == 0) st = gemm('N', 'T', n, n, hd, 1.0f, go, c, v, c3, 0.0f, ds.data(), n);
+      for (int64_t i = 0; i < n && st == 0; ++i) SoftmaxGradRow(pb + i * n, ds.data() + i * n, ds.data() + i * n, n);
+      const auto *dsi = st == 0 ? ds_g.Of(ds.data(), n * n) : nullptr;
+      if (st == 0) st = gemm('N', 'N', n, hd, n, scale, dsi, n, k, c3, 0.0f, dq, c3);
+      if (st == 0) st = gemm('T', 'N', n, hd, n, scale, dsi, n, q, c3, 0.0f, dk, c3);
       if (st != 0) return 10 + st;
     }
     return 0;
@@ -815,34 +836,23 @@ int RfQkvMerge(int nparam, void **params, int *ndims, int64_t **shapes, const ch
 // Which GEMMs are there: bit 0 fp32, bit 1 bf16 (called through ctypes, not as an operator).
 int RfGemmAvailable() { return (GetDnnl().sgemm ? 1 : 0) | (GetDnnl().bf16 ? 2 : 0); }
 
-// LinearFwd(x (.., K), w (N, K), b (N)) -> y (.., N)
-int RfLinearFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  return LinearFwd<false>(nparam, params, ndims, shapes, dtypes);
-}
-// LinearBwd(x, w, dy) -> (dx, dw, db)
-int RfLinearBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  return LinearBwd<false>(nparam, params, ndims, shapes, dtypes);
-}
+// The AOT entry points of the templated kernels (MindSpore's signature; the stream and extra
+// arguments are unused).
+#define RF_AOT_ENTRY(name, impl)                                                                        \
+  int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) { \
+    return impl(nparam, params, ndims, shapes, dtypes);                                                  \
+  }
+// Linear: LinearFwd(x (.., K), w (N, K), b (N)) -> y (.., N); LinearBwd(x, w, dy) -> (dx, dw, db)
+RF_AOT_ENTRY(RfLinearFwd, LinearFwd<false>)
+RF_AOT_ENTRY(RfLinearBwd, LinearBwd<false>)
 // The same with bf16 GEMM inputs (fp32 accumulation, fp32 outputs and bias)
-int RfLinearBf16Fwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  return LinearFwd<true>(nparam, params, ndims, shapes, dtypes);
-}
-int RfLinearBf16Bwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  return LinearBwd<true>(nparam, params, ndims, shapes, dtypes);
-}
-
+RF_AOT_ENTRY(RfLinearBf16Fwd, LinearFwd<true>)
+RF_AOT_ENTRY(RfLinearBf16Bwd, LinearBwd<true>)
 // Attention core: fp32, and with bf16 GEMM inputs (see AttnFwd)
-int RfAttnFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  return AttnFwd<false>(nparam, params, ndims, shapes, dtypes);
-}
-int RfAttnBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  return AttnBwd<false>(nparam, params, ndims, shapes, dtypes);
-}
-int RfAttnBf16Fwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  return AttnFwd<true>(nparam, params, ndims, shapes, dtypes);
-}
-int RfAttnBf16Bwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  return AttnBwd<true>(nparam, params, ndims, shapes, dtypes);
-}
+RF_AOT_ENTRY(RfAttnFwd, AttnFwd<false>)
+RF_AOT_ENTRY(RfAttnBwd, AttnBwd<false>)
+RF_AOT_ENTRY(RfAttnBf16Fwd, AttnFwd<true>)
+RF_AOT_ENTRY(RfAttnBf16Bwd, AttnBwd<true>)
+#undef RF_AOT_ENTRY
 
 }  // extern "C"
