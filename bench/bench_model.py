@@ -416,17 +416,17 @@ def load_json(args):
     """--from_json: the results of an earlier run (its --json file), to render the table again."""
     with open(args.from_json) as f:
         saved = json.load(f)
-    for k, v in saved.get('run', {}).items():  # files from before 'run' was saved: the command line's
-        setattr(args, k, v)
     results = {}
     for k, v in saved['results'].items():
         m, task, prec, batch = k.split('|')
         results[(m, task, prec, int(batch))] = v
-    loads = [r['load'] for by in results.values() for runs in by.values() for r in runs if 'load' in r]
-    if not hasattr(args, 'load_min') or 'run' not in saved:
-        args.load_min, args.load_max = (min(loads), max(loads)) if loads else (float('nan'),) * 2
-    if not hasattr(args, 'ms_version'):
+    if 'run' in saved:
+        for k, v in saved['run'].items():
+            setattr(args, k, v)
+    else:  # a file from before 'run' was saved: rounds and steps are the command line's
         import importlib.metadata as md
+        loads = [r['load'] for by in results.values() for runs in by.values() for r in runs if 'load' in r]
+        args.load_min, args.load_max = (min(loads), max(loads)) if loads else (float('nan'),) * 2
         args.ms_version, args.torch_version, args.timm_version = (
             md.version(n) for n in ('mindspore', 'torch', 'timm'))
     return saved['machine'], saved['sgemm'], results

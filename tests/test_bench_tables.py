@@ -38,12 +38,20 @@ def test_from_json_renders_ratios_of_the_saved_runs_and_the_data_table(tmp_path)
                                   ['vit_base_patch16|eval|fp32|16']}, 200.0)
     ours, orig = rows[0]['ms']['ips'], rows[0]['torch']['ips']
     assert abs(ours - 16 / 3.2) < 1e-9 and abs(orig - 16 / 4.1) < 1e-9  # medians of medians
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'bench_model.py'), '--from_json', str(js),
-                           '--out', str(out), '--repeats', '2', '--steps', '3'],
-                          capture_output=True, text=True, cwd=str(tmp_path), timeout=120,
-                          env=dict(os.environ, PYTHONPATH=ROOT))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    def render(*args):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'bench_model.py'), *args],
+                              capture_output=True, text=True, cwd=str(tmp_path), timeout=120,
+                              env=dict(os.environ, PYTHONPATH=ROOT))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+    # a file without the run's settings (older runs): rounds and steps from the command line; saved
+    # again with --json it carries them, and renders the same table on its own
+    render('--from_json', str(js), '--out', str(out), '--repeats', '2', '--steps', '3',
+           '--json', str(tmp_path / 'again.json'))
+    render('--from_json', str(tmp_path / 'again.json'), '--out', str(tmp_path / 'again.md'))
     text = out.read_text()
+    assert (tmp_path / 'again.md').read_text() == text
+    assert '2 interleaved round(s); 3 timed steps' in text
     assert 'Test CPU, 2 cores' in text and 'load average during runs 1.0–2.5' in text
     row = next(line for line in text.splitlines() if line.startswith('| vit_base_patch16 | eval | graph'))
     cells = [c.strip() for c in row.strip('|').split('|')]
