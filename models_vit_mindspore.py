@@ -199,6 +199,9 @@ class Attention(nn.Cell):
         bf16 = self.fused and cpu_kernels.bf16_matmul()
         use_core = self.fused and attn_drop == 0 and cpu_kernels.linear_available(bf16)
         self.fused_attn = cpu_kernels.attention_op(num_heads, bf16=bf16) if use_core else None
+        # evaluation (set_train(False)): the same core without writing p out, nothing needs it
+        self.fused_attn_infer = cpu_kernels.attention_infer_op(num_heads, bf16=bf16) if use_core else None
+        self.heads_t = cpu_kernels.scalar(float(num_heads))
         use_parts = self.fused and not use_core
         self.qkv_split = cpu_kernels.qkv_split_op(num_heads) if use_parts else None
         self.fused_softmax = cpu_kernels.softmax_op() if use_parts else None
@@ -207,7 +210,11 @@ class Attention(nn.Cell):
         b, n, c = x.shape
         qkv = self.qkv(x)
         if self.fused_attn is not None and qkv.dtype == ms.float32:
-            return self.proj_drop(self.proj(self.fused_attn(qkv, self.scale_t)[0]))
+            if self.training:
+                x = self.fused_attn(qkv, self.scale_t)[0]
+            else:
+                x = self.fused_attn_infer(qkv, self.scale_t, self.heads_t)
+            return self.proj_drop(self.proj(x))
         if self.qkv_split is not None and qkv.dtype == ms.float32:
             q, k, v = self.qkv_split(qkv, self.scale_t)  # q already multiplied by scale
             attn = self.q_matmul_k(q, k)

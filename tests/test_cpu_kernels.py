@@ -281,6 +281,30 @@ def test_bf16_attention_core_is_bf16_gemm_inputs_with_fp32_softmax(mode):
     assert np.max(np.abs(out - out32)) > 1e-4
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_attention_infer_op_is_the_training_core_without_p(mode, bf16):
+    # evaluation's operator: the same out, bit for bit, and the same gradient (its backward
+    # recomputes p with the training forward kernel)
+    if not K.linear_available(bf16=bf16):
+        pytest.skip(K.status())
+    rs = np.random.RandomState(12)
+    b, n, heads, hd = 2, 37, 3, 16
+    qkv = (rs.standard_normal((b, n, 3 * heads * hd)) * 2).astype(np.float32)
+    dout = rs.standard_normal((b, n, heads * hd)).astype(np.float32)
+    with ms_mode(mode):
+        train = _Apply(K.attention_op(heads, bf16=bf16), K.scalar(hd ** -0.5))
+        infer = _Apply(K.attention_infer_op(heads, bf16=bf16), K.scalar(hd ** -0.5), K.scalar(float(heads)))
+        out, p = train(ms.Tensor(qkv))
+        out_i = infer(ms.Tensor(qkv))
+        d_train = _Grad(train)(ms.Tensor(qkv), (ms.Tensor(dout), ops.zeros_like(p)))[0].asnumpy()
+        d_infer = _Grad(infer)(ms.Tensor(qkv), ms.Tensor(dout))[0].asnumpy()
+    assert out_i.shape == out.shape == (b, n, heads * hd)
+    np.testing.assert_array_equal(out_i.asnumpy(), out.asnumpy())
+    np.testing.assert_array_equal(d_infer, d_train)
+    assert np.abs(d_infer).max() > 0
+
+
 @pytest.mark.torch
 @pytest.mark.parametrize("mode", MODES)
 def test_drop_path_operators_match_timm_drop_path(mode):
