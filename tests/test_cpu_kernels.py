@@ -380,6 +380,58 @@ def test_results_do_not_depend_on_thread_count_and_cache_is_reused(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / 'one.npy'), np.load(tmp_path / 'three.npy'))
 
 
+_PORTABLE_CHILD = textwrap.dedent('''
+    import ctypes, sys, numpy as np, mindspore as ms
+    sys.path.insert(0, {root!r})
+    ms.set_device("CPU")
+    from util_mindspore import cpu_kernels as K
+    assert K.enabled(), K.status()
+    print("avx512 build:", ctypes.CDLL(K.library_path()).RfAvx512Build())
+    sys.path.insert(0, {tests!r})
+    from test_cpu_kernels import _softmax_and_attention
+    np.savez({out!r}, **_softmax_and_attention(K))
+''')
+
+
+def _softmax_and_attention(kernels):
+    """Outputs of the softmax and attention operators on fixed inputs (rows of 197 and 33: a
+    vector tail in both)."""
+    rs = np.random.RandomState(13)
+    b, n, heads, hd = 2, 197, 3, 16
+    qkv = ms.Tensor((rs.standard_normal((b, n, 3 * heads * hd)) * 2).astype(np.float32))
+    scale, h = kernels.scalar(hd ** -0.5), kernels.scalar(float(heads))
+    out, p = kernels.attention_op(heads)(qkv, scale)
+    return {'softmax197': kernels.softmax_op()(ms.Tensor(rs.standard_normal((3, 7, 197)).astype(np.float32) * 4)),
+            'softmax33': kernels.softmax_op()(ms.Tensor(rs.standard_normal((5, 33)).astype(np.float32) * 4)),
+            'out': out, 'p': p, 'infer': kernels.attention_infer_op(heads)(qkv, scale, h)}
+
+
+def test_portable_build_without_avx512_agrees_with_the_avx512_build(tmp_path):
+    # CPUs without AVX-512 build the portable loops (#ifndef RF_AVX512): build them here too, with
+    # -mno-avx512f appended by a compiler wrapper, and compare with this process's build.
+    import ctypes
+    cxx = shutil.which(os.environ.get("CXX") or "g++")
+    if cxx is None or not K.linear_available():
+        pytest.skip(K.status())
+    if not ctypes.CDLL(K.library_path()).RfAvx512Build():
+        pytest.skip("this machine's build is already the portable one")
+    wrapper = tmp_path / 'cxx-no-avx512'
+    wrapper.write_text(f'#!/bin/sh\n[ "$1" = "--version" ] && exec {cxx} --version\nexec {cxx} "$@" -mno-avx512f\n')
+    wrapper.chmod(0o755)
+    script = tmp_path / 'portable.py'
+    script.write_text(_PORTABLE_CHILD.format(root=ROOT, tests=os.path.join(ROOT, 'tests'), out=str(tmp_path / 'p.npz')))
+    env = dict(os.environ, CXX=str(wrapper), **{K.ENV_CACHE: str(tmp_path / 'cache')})
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'avx512 build: 0' in proc.stdout
+    portable = np.load(tmp_path / 'p.npz')
+    ours = {k: v.asnumpy() for k, v in _softmax_and_attention(K).items()}
+    for name, value in ours.items():
+        _close(portable[name], value, 2e-6, name)
+    np.testing.assert_array_equal(portable['infer'], portable['out'])
+
+
 def test_without_a_compiler_the_model_falls_back_with_a_clear_warning(tmp_path):
     proc = _child(tmp_path, {'CXX': str(tmp_path / 'no-such-g++'), K.ENV_CACHE: str(tmp_path / 'c')})
     assert 'fused CPU kernels: unavailable (no C++ compiler found' in proc.stdout

@@ -28,7 +28,7 @@ import mindspore as ms
 from mindspore import ops, Tensor
 
 __all__ = ['enabled', 'library_path', 'status', 'layer_norm_op', 'bias_add_op', 'bias_gelu_op',
-           'gelu_op', 'softmax_op', 'qkv_split_op', 'attention_op', 'linear_op', 'row_scale_op', 'add_row_scale_op', 'linear_available', 'set_bf16_matmul',
+           'gelu_op', 'softmax_op', 'qkv_split_op', 'attention_op', 'attention_infer_op', 'linear_op', 'row_scale_op', 'add_row_scale_op', 'linear_available', 'set_bf16_matmul',
            'bf16_matmul', 'cpu_has_bf16', 'ENV_SWITCH', 'ENV_CACHE']
 
 ENV_SWITCH = 'RETFOUND_CPU_KERNELS'   # '0' / 'off' / 'false': never use the fused kernels

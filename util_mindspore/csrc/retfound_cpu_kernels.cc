@@ -935,6 +935,15 @@ int RfQkvMerge(int nparam, void **params, int *ndims, int64_t **shapes, const ch
 // Which GEMMs are there: bit 0 fp32, bit 1 bf16 (called through ctypes, not as an operator).
 int RfGemmAvailable() { return (GetDnnl().sgemm ? 1 : 0) | (GetDnnl().bf16 ? 2 : 0); }
 
+// 1 when this build has the AVX-512 code paths (softmax rows), 0 for the portable loops.
+int RfAvx512Build() {
+#ifdef RF_AVX512
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 
 // The AOT entry points of the templated kernels (MindSpore's signature; the stream and extra
 // arguments are unused).
