@@ -322,13 +322,15 @@ class Mlp(nn.Cell):
         self.bias_gelu = cpu_kernels.bias_gelu_op() if self.fused and self.fc1.linear is None else None
 
     def construct(self, x):
-        if self.bias_gelu is not None:
-            h = self.fc1.matmul_2d(x)
-            if h.dtype == ms.float32:
-                y = self.fc2(self.drop1(self.bias_gelu(h, self.fc1.bias)))
-                return self.drop2(y).reshape(x.shape)
-        # with oneDNN's GEMM: fc1 is one operator (bias included), act the fused GELU
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        if self.bias_gelu is None:
+            # with oneDNN's GEMM: fc1 is one operator (bias included), act the fused GELU
+            return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        h = self.fc1.matmul_2d(x)  # once: a non-fp32 h takes the unfused bias add and GELU
+        if h.dtype == ms.float32:
+            h = self.bias_gelu(h, self.fc1.bias)
+        else:
+            h = self.act(self.fc1.add_bias(h))
+        return self.drop2(self.fc2(self.drop1(h))).reshape(x.shape)
 
 
 class SwiGLUPacked(nn.Cell):

@@ -299,6 +299,11 @@ def linear_op(bf16=False):
     return _custom(name + 'Fwd', lambda x, w, b: list(x[:-1]) + [w[0]], lambda x, w, b: x, bprop)
 
 
+def _attention_bwd(name):
+    """The attention core's backward kernel: op(qkv, p, dout, scale) -> dqkv."""
+    return _custom(name + 'Bwd', lambda qkv, p, d, s: qkv, lambda qkv, p, d, s: qkv)
+
+
 def attention_op(num_heads, bf16=False):
     """op(qkv (B, N, 3C), scale (1,)) -> (out (B, N, C), p (B, num_heads, N, N)).
 
@@ -320,7 +325,7 @@ def attention_op(num_heads, bf16=False):
         b, n, c3 = qkv
         return [b, n, c3 // 3], [b, heads, n, n]
 
-    bwd = _custom(name + 'Bwd', lambda qkv, p, d, s: qkv, lambda qkv, p, d, s: qkv)
+    bwd = _attention_bwd(name)
 
     def bprop(qkv, scale, out, dout):
         return bwd(qkv, out[1], dout[0], scale), ops.zeros_like(scale)
@@ -339,7 +344,7 @@ def attention_infer_op(num_heads, bf16=False):
     """
     name = 'RfAttnBf16' if bf16 else 'RfAttn'
     train = attention_op(num_heads, bf16=bf16)
-    bwd = _custom(name + 'Bwd', lambda qkv, p, d, s: qkv, lambda qkv, p, d, s: qkv)
+    bwd = _attention_bwd(name)
 
     def bprop(qkv, scale, heads, out, dout):
         p = train(qkv, scale)[1]
