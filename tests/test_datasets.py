@@ -246,6 +246,33 @@ def test_persistent_eval_loader_and_worker_cleanup(tmp_path):
     assert len(me.children(recursive=True)) == before
 
 
+def test_loader_forks_its_workers_when_built(tmp_path):
+    """The workers must exist when create_loader returns (MindSpore itself forks them only at the
+    first next()): memory the trainer allocates and rewrites afterwards must not be pinned in them."""
+    import psutil
+    root = _layout(tmp_path, per_class=5, splits=('train',))
+    ds = build_dataset('train', _args(root))
+    me = psutil.Process()
+    before = {c.pid for c in me.children(recursive=True)}
+    ev = create_loader(ds, 4, False, False, 2)
+    workers = [c for c in me.children(recursive=True) if c.pid not in before]
+    assert len(workers) >= 2  # two workers (and MindSpore's cleaning process) are already forked
+    rss = {c.pid: c.memory_info().rss for c in workers}
+    big = np.ones(256 * 2 ** 20 // 8)  # the model and optimizer state, allocated after the loader
+    got = list(ev)  # the first evaluation: before, MindSpore forked the workers here
+    big += 1  # a training step rewrites that memory: a worker forked after it would keep a copy
+    assert _same(got, _reference_batches(ev))
+    assert {c.pid for c in me.children(recursive=True) if c.pid not in before} == set(rss)  # no new forks
+    for c in workers:
+        assert c.memory_info().rss - rss[c.pid] < 128 * 2 ** 20, (c.pid, c.memory_info().rss, rss[c.pid])
+    del big
+    ev.close()
+    create_loader(ds, 4, True, True, 2).close()  # closing while the idle pass drains does not hang
+    import gc
+    gc.collect()
+    assert {c.pid for c in me.children(recursive=True)} <= before
+
+
 def test_loader_follows_dataset_changes(tmp_path):
     root = _layout(tmp_path, per_class=5, splits=('train',))
     ds = build_dataset('train', _args(root))

@@ -5,6 +5,8 @@
 """ImageFolder dataset, torch-identical subsampling, layout/image checks and the MindSpore loader."""
 import math
 import os
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -367,7 +369,13 @@ class _Pipeline:
 
     Its worker processes are forked when it is built (by create_loader, i.e. before training has
     allocated gradients, optimizer state and graph memory), never again: a forked worker keeps the
-    pre-fork copy of every page the trainer later rewrites, so forking late would pin that memory."""
+    pre-fork copy of every page the trainer later rewrites, so forking late would pin that memory.
+
+    MindSpore 2.10 starts a pipeline (and forks its workers) only inside the first ``next()``, so a
+    helper thread makes that call here; the constructor returns once the workers (and MindSpore's
+    cleaning process) are forked, and the helper goes on draining the idle pass in the background
+    (its batches, not the end-of-pass marker: pulling that starts the next pass, which must wait for
+    ``start_pass``)."""
 
     def __init__(self, loader, key, length):
         import mindspore.dataset as mds
@@ -376,15 +384,31 @@ class _Pipeline:
         self.sampler = _pass_sampler(length)
         source = _PassSource(loader.dataset, length, loader.shuffle, loader.shuffle_seed,
                              loader.num_shards, loader.shard_id, loader.seed)
+        multiprocess = loader.num_workers > 1
         ds = mds.GeneratorDataset(source, column_names=['image', 'label', 'token'], sampler=self.sampler,
-                                  num_parallel_workers=loader.num_workers,
-                                  python_multiprocessing=loader.num_workers > 1)
+                                  num_parallel_workers=loader.num_workers, python_multiprocessing=multiprocess)
         ds = ds.batch(loader.batch_size, drop_remainder=loader.drop_last)
-        self.it = ds.create_tuple_iterator(output_numpy=True, num_epochs=-1)  # starts the idle pass
+        self.it = ds.create_tuple_iterator(output_numpy=True, num_epochs=-1)
         self.at_pass_end = True  # every batch of the current pass has been handed out
+        idle_batches = length // loader.batch_size if loader.drop_last else -(-length // loader.batch_size)
+        self._drained = {'batches': 0, 'error': None}
+        self._drain = threading.Thread(target=_drain_idle_pass, args=(self.it, idle_batches, self._drained),
+                                       name='retfound-loader-start', daemon=True)
+        self._drain.start()
+        if multiprocess:
+            _wait_for_workers(self.it, self._drain, self._drained)
+
+    def _join_drain(self):
+        if self._drain is not None:
+            self._drain.join()
+            self._drain = None
 
     def start_pass(self, epoch):
         """Begin the next pass for ``epoch``; False if the pipeline is not where it should be."""
+        self._join_drain()
+        if self._drained['error'] is not None:
+            error, self._drained['error'] = self._drained['error'], None
+            raise error  # a worker failed while the pipeline started: report it here, in the trainer
         if not self.at_pass_end:
             return False  # the previous pass was abandoned midway: its batches are still queued
         self.sampler.epoch = epoch
@@ -398,7 +422,38 @@ class _Pipeline:
                 return False
 
     def stop(self):
+        self._join_drain()
         self.it.stop()  # stops the C++ tree and its worker processes
+
+
+def _drain_idle_pass(it, n_batches, state):
+    """Helper thread of a new pipeline: the first ``next()`` starts it (forks the workers), the rest
+    pull the idle pass's placeholder batches, so that the first epoch does not wait for them."""
+    try:
+        for _ in range(n_batches):
+            _, _, tokens = next(it)
+            state['batches'] += 1
+            if not np.all(tokens == _IDLE):
+                raise RuntimeError('a new data pipeline did not start at its idle pass; this is a bug, please report it')
+    except Exception as e:  # StopIteration included: the pass was shorter than it must be
+        state['error'] = e if not isinstance(e, StopIteration) else RuntimeError(
+            'a new data pipeline ended its idle pass early; this is a bug, please report it')
+
+
+def _wait_for_workers(it, drain, state, timeout=60.0):
+    """Return once MindSpore has forked the pipeline's worker processes and its cleaning process
+    (the helper thread's first ``next()`` starts them), or once the first idle batch has arrived
+    (all of them are forked by then), or once the helper has stopped."""
+    try:
+        sample_fn = it.dataset.children[0].sample_fn  # the live copy of our GeneratorDataset
+    except (AttributeError, IndexError):
+        sample_fn = None
+    deadline = time.monotonic() + timeout
+    while drain.is_alive() and state['batches'] == 0 and time.monotonic() < deadline:
+        monitor = getattr(sample_fn, 'cleaning_process', None)
+        if monitor is not None and monitor.pid is not None:
+            return
+        time.sleep(0.002)
 
 
 class Loader:
@@ -460,12 +515,20 @@ class Loader:
             self.close()
         if self._pipe is None:
             self._pipe = _Pipeline(self, key, key[2])
-        if start and not self._pipe.start_pass(self.epoch):
+        if start and not self._start_pass():
             self.close()
             self._pipe = _Pipeline(self, key, key[2])
-            if not self._pipe.start_pass(self.epoch):
+            if not self._start_pass():
+                self.close()
                 raise RuntimeError('a new data pipeline did not start at its idle pass; this is a bug, please report it')
         return self._pipe
+
+    def _start_pass(self):
+        try:
+            return self._pipe.start_pass(self.epoch)
+        except BaseException:
+            self.close()  # a pipeline that failed to start is not reused
+            raise
 
     def _batches(self):
         pipe = self._pipeline()
