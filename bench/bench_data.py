@@ -6,8 +6,11 @@
 Each run builds both loaders and iterates them for ``--epochs`` epochs as the training loop does
 (``set_epoch(e)`` then one pass), alternating epoch by epoch between ours and torch so both see the
 same background load. Reported separately: the first epoch (building the loader + its first pass:
-includes starting the pipeline and its worker processes) and the steady state (epochs 2.., images / wall time). The torch side is the
-original's DataLoader without ``persistent_workers``: it starts its workers every epoch.
+includes starting the pipeline and its worker processes), the first epoch of a loader built ``--gap``
+seconds before (as in main_finetune, which builds the model in between: our loader starts its
+workers and its idle pass in the background; torch's DataLoader does nothing before ``iter``), and
+the steady state (epochs 2.., images / wall time). The torch side is the original's DataLoader
+without ``persistent_workers``: it starts its workers every epoch.
 Medians over ``--repeats`` runs in one process; the per-run ratios are printed too.
 
     .venv/bin/python bench/bench_data.py --n 64 --workers 2 --epochs 3 --repeats 3
@@ -97,6 +100,9 @@ def main():
     p.add_argument('--batch', type=int, default=16)
     p.add_argument('--epochs', type=int, default=3, help='epochs per run; steady state = epochs 2..')
     p.add_argument('--repeats', type=int, default=3, help='interleaved runs per pipeline; medians reported')
+    p.add_argument('--gap', type=float, default=2.0,
+                   help='seconds between building a loader and its first epoch in the "built earlier" row '
+                        '(main_finetune builds the model in between); 0 skips that row')
     p.add_argument('--out', default=os.path.join(ROOT, 'bench', 'RESULTS_data.md'),
                    help="markdown results file ('' to only print)")
     a = p.parse_args()
@@ -111,7 +117,7 @@ def main():
         args = argparse.Namespace(data_path=root, input_size=a.input_size, aa='rand-m9-mstd0.5-inc1',
                                   color_jitter=None, reprob=0.25, remode='pixel', recount=1,
                                   dataratio='1.0', seed=0, stratified=False)
-        first, steady = {}, {}
+        first, later, steady = {}, {}, {}
         for _ in range(a.repeats):
             for split in ('train', 'val'):
                 # Both loaders live side by side; their epochs alternate (ours, torch, ours, torch ...)
@@ -133,6 +139,14 @@ def main():
                             steady[(split, name)][-1][1] += dt
                 for _, _, close in runs.values():
                     close()
+                if a.gap > 0:  # as main_finetune: loaders built, then the model, then the first epoch
+                    runs = {name: make(args, split, a.workers, a.batch)
+                            for name, make in (('ours', ours_loader), ('torch', torch_loader))}
+                    time.sleep(a.gap)
+                    for name, (ld, set_epoch, close) in runs.items():
+                        n, dt = _epoch(ld, 0, set_epoch)
+                        later.setdefault((split, name), []).append(n / dt)
+                        close()
         steady = {k: [n / t for n, t in v] for k, v in steady.items()}
     lines = [f'{a.n} JPEGs {a.size}x{a.size} -> {a.input_size}, {a.workers} workers, batch {a.batch}, '
              f'{a.epochs} epochs per run, median of {a.repeats} interleaved runs (images/s)', '',
@@ -140,7 +154,8 @@ def main():
              '|---|---|---|---|---|']
     for split in ('train', 'val'):
         label = 'train (RRC+RandAugment+RE)' if split == 'train' else 'eval (resize+crop)'
-        for kind, res in (('first', first), (f'2..{a.epochs}', steady)):
+        kinds = [('first', first)] + ([(f'first, built {a.gap:g} s before', later)] if a.gap > 0 else [])
+        for kind, res in kinds + [(f'2..{a.epochs}', steady)]:
             o, t = statistics.median(res[(split, 'ours')]), statistics.median(res[(split, 'torch')])
             ratios = [x / y for x, y in zip(res[(split, 'ours')], res[(split, 'torch')])]
             lines.append(f'| {label} | {kind} | {o:.1f} | {t:.1f} | {statistics.median(ratios):.2f} '
