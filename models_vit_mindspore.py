@@ -193,14 +193,13 @@ class Attention(nn.Cell):
         self.fused = cpu_kernels.enabled()
         self.scale_t = cpu_kernels.scalar(self.scale)
         # With oneDNN's GEMM: the whole core (split, q k^T, softmax, p v, head merge) in one
-        # operator that keeps only softmax(p) for its backward; its GEMMs take bf16 inputs in the
+        # operator that keeps nothing but qkv for its backward (which recomputes softmax(p) per
+        # head, as torch's CPU flash attention does); its GEMMs take bf16 inputs in the
         # --cpu_bf16 mode, like the Linear layers (torch's bf16 autocast runs timm's
         # scaled_dot_product_attention in bf16 too). Otherwise the split and the softmax alone are fused.
         bf16 = self.fused and cpu_kernels.bf16_matmul()
         use_core = self.fused and attn_drop == 0 and cpu_kernels.linear_available(bf16)
-        self.fused_attn = cpu_kernels.attention_op(num_heads, bf16=bf16) if use_core else None
-        # evaluation (set_train(False)): the same core without writing p out, nothing needs it
-        self.fused_attn_infer = cpu_kernels.attention_infer_op(num_heads, bf16=bf16) if use_core else None
+        self.fused_attn = cpu_kernels.attention_recompute_op(num_heads, bf16=bf16) if use_core else None
         self.heads_t = cpu_kernels.scalar(float(num_heads))
         use_parts = self.fused and not use_core
         self.qkv_split = cpu_kernels.qkv_split_op(num_heads) if use_parts else None
@@ -210,10 +209,7 @@ class Attention(nn.Cell):
         b, n, c = x.shape
         qkv = self.qkv(x)
         if self.fused_attn is not None and qkv.dtype == ms.float32:
-            if self.training:
-                x = self.fused_attn(qkv, self.scale_t)[0]
-            else:
-                x = self.fused_attn_infer(qkv, self.scale_t, self.heads_t)
+            x = self.fused_attn(qkv, self.scale_t, self.heads_t)
             return self.proj_drop(self.proj(x))
         if self.qkv_split is not None and qkv.dtype == ms.float32:
             q, k, v = self.qkv_split(qkv, self.scale_t)  # q already multiplied by scale

@@ -283,9 +283,9 @@ def test_bf16_attention_core_is_bf16_gemm_inputs_with_fp32_softmax(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_attention_infer_op_is_the_training_core_without_p(mode, bf16):
-    # evaluation's operator: the same out, bit for bit, and the same gradient (its backward
-    # recomputes p with the training forward kernel)
+def test_attention_recompute_op_is_the_core_without_p(mode, bf16):
+    # the model's operator keeps no p: the same out as attention_op, bit for bit, and the same
+    # gradient bit for bit (its backward recomputes each head's p exactly as the forward made it)
     if not K.linear_available(bf16=bf16):
         pytest.skip(K.status())
     rs = np.random.RandomState(12)
@@ -294,7 +294,7 @@ def test_attention_infer_op_is_the_training_core_without_p(mode, bf16):
     dout = rs.standard_normal((b, n, heads * hd)).astype(np.float32)
     with ms_mode(mode):
         train = _Apply(K.attention_op(heads, bf16=bf16), K.scalar(hd ** -0.5))
-        infer = _Apply(K.attention_infer_op(heads, bf16=bf16), K.scalar(hd ** -0.5), K.scalar(float(heads)))
+        infer = _Apply(K.attention_recompute_op(heads, bf16=bf16), K.scalar(hd ** -0.5), K.scalar(float(heads)))
         out, p = train(ms.Tensor(qkv))
         out_i = infer(ms.Tensor(qkv))
         d_train = _Grad(train)(ms.Tensor(qkv), (ms.Tensor(dout), ops.zeros_like(p)))[0].asnumpy()
@@ -403,7 +403,7 @@ def _softmax_and_attention(kernels):
     out, p = kernels.attention_op(heads)(qkv, scale)
     return {'softmax197': kernels.softmax_op()(ms.Tensor(rs.standard_normal((3, 7, 197)).astype(np.float32) * 4)),
             'softmax33': kernels.softmax_op()(ms.Tensor(rs.standard_normal((5, 33)).astype(np.float32) * 4)),
-            'out': out, 'p': p, 'infer': kernels.attention_infer_op(heads)(qkv, scale, h)}
+            'out': out, 'p': p, 'infer': kernels.attention_recompute_op(heads)(qkv, scale, h)}
 
 
 def test_portable_build_without_avx512_agrees_with_the_avx512_build(tmp_path):

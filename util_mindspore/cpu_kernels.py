@@ -28,7 +28,7 @@ import mindspore as ms
 from mindspore import ops, Tensor
 
 __all__ = ['enabled', 'library_path', 'status', 'layer_norm_op', 'bias_add_op', 'bias_gelu_op',
-           'gelu_op', 'softmax_op', 'qkv_split_op', 'attention_op', 'attention_infer_op', 'linear_op', 'row_scale_op', 'add_row_scale_op', 'linear_available', 'set_bf16_matmul',
+           'gelu_op', 'softmax_op', 'qkv_split_op', 'attention_op', 'attention_recompute_op', 'linear_op', 'row_scale_op', 'add_row_scale_op', 'linear_available', 'set_bf16_matmul',
            'bf16_matmul', 'cpu_has_bf16', 'ENV_SWITCH', 'ENV_CACHE']
 
 ENV_SWITCH = 'RETFOUND_CPU_KERNELS'   # '0' / 'off' / 'false': never use the fused kernels
@@ -299,11 +299,6 @@ def linear_op(bf16=False):
     return _custom(name + 'Fwd', lambda x, w, b: list(x[:-1]) + [w[0]], lambda x, w, b: x, bprop)
 
 
-def _attention_bwd(name):
-    """The attention core's backward kernel: op(qkv, p, dout, scale) -> dqkv."""
-    return _custom(name + 'Bwd', lambda qkv, p, d, s: qkv, lambda qkv, p, d, s: qkv)
-
-
 def attention_op(num_heads, bf16=False):
     """op(qkv (B, N, 3C), scale (1,)) -> (out (B, N, C), p (B, num_heads, N, N)).
 
@@ -317,6 +312,9 @@ def attention_op(num_heads, bf16=False):
     gradient) enter the GEMMs rounded to bfloat16, with fp32 accumulation; softmax, ``p`` and
     ``out`` stay fp32 — what torch.autocast('cpu', torch.bfloat16) does in timm's
     scaled_dot_product_attention, except that the output stays fp32.
+
+    The model runs attention_recompute_op (the same arithmetic without keeping ``p``); this
+    variant, which returns ``p``, is its reference in the tests.
     """
     heads = int(num_heads)
     name = 'RfAttnBf16' if bf16 else 'RfAttn'
@@ -325,7 +323,7 @@ def attention_op(num_heads, bf16=False):
         b, n, c3 = qkv
         return [b, n, c3 // 3], [b, heads, n, n]
 
-    bwd = _attention_bwd(name)
+    bwd = _custom(name + 'Bwd', lambda qkv, p, d, s: qkv, lambda qkv, p, d, s: qkv)
 
     def bprop(qkv, scale, out, dout):
         return bwd(qkv, out[1], dout[0], scale), ops.zeros_like(scale)
@@ -333,22 +331,24 @@ def attention_op(num_heads, bf16=False):
     return _custom(name + 'Fwd', fwd_shape, lambda qkv, s: (qkv, qkv), bprop)
 
 
-def attention_infer_op(num_heads, bf16=False):
+def attention_recompute_op(num_heads, bf16=False):
     """op(qkv (B, N, 3C), scale (1,), heads (1,)) -> out (B, N, C): attention_op's ``out`` without
-    writing ``p`` (B, num_heads, N, N), the largest tensor of the core, to memory — for
-    evaluation, where nothing needs it. ``heads`` holds num_heads as a float (``scalar``).
+    ``p`` (B, num_heads, N, N), the largest tensor of the core, ever being written to memory or
+    kept for the backward. ``heads`` holds num_heads as a float (``scalar``). What the model uses,
+    in training and in evaluation.
 
-    Each (batch, head) task keeps its head's probabilities in a scratch buffer that stays in
-    cache (ViT-L/16 batch 8: ~7% less time than attention_op). Differentiable: the backward
-    recomputes ``p`` with attention_op's forward kernel and then runs its backward kernel.
+    Forward: each (batch, head) task keeps its head's probabilities in a scratch buffer that stays
+    in cache (ViT-L/16 batch 8: ~7% less time than attention_op). Backward (one kernel): each task
+    recomputes its head's p with the forward's own GEMM call and softmax row, bit-identical to the
+    forward's, then runs attention_op's backward arithmetic — as torch's CPU flash attention keeps
+    no probabilities either. Only qkv is kept between forward and backward: ViT-L/16 at batch 8
+    saves 24 x 20 MB, for one extra q k^T GEMM and softmax per head in the backward.
     """
     name = 'RfAttnBf16' if bf16 else 'RfAttn'
-    train = attention_op(num_heads, bf16=bf16)
-    bwd = _attention_bwd(name)
+    bwd = _custom(name + 'RecomputeBwd', lambda qkv, d, s, h: qkv, lambda qkv, d, s, h: qkv)
 
     def bprop(qkv, scale, heads, out, dout):
-        p = train(qkv, scale)[1]
-        return bwd(qkv, p, dout, scale), ops.zeros_like(scale), ops.zeros_like(heads)
+        return bwd(qkv, dout, scale, heads), ops.zeros_like(scale), ops.zeros_like(heads)
 
     return _custom(name + 'InferFwd', lambda qkv, s, h: [qkv[0], qkv[1], qkv[2] // 3], lambda qkv, s, h: qkv, bprop)
 

@@ -832,35 +832,38 @@ int AttnInferFwd(int nparam, void **params, int *ndims, int64_t **shapes, const 
                          static_cast<float *>(params[3]), nullptr, bsz, n, c, heads);
 }
 
-// AttnBwd(qkv, p, dout, scale) -> dqkv (B, N, 3C), the gradient of AttnFwd's out:
+// The gradient of the attention core's out for qkv (B, N, 3C) -> dqkv (B, N, 3C):
 //   dv = p^T dout,  dp = dout v^T,  ds = p * (dp - rowsum(dp * p)),  dq = scale ds k,  dk = scale ds^T q
-// kBf16: the GEMM inputs (p, dout, q, k, v, ds) rounded to bf16; ds itself is computed in fp32.
+// p (B, H, N, N) as AttnFwd wrote it, or nullptr: each (batch, head) task then recomputes its head's
+// p into scratch with AttnCore's own GEMM call and softmax row, so it equals the forward's p bit for
+// bit, and p never has to be kept between the forward and the backward (flash-attention style;
+// costs one q k^T GEMM and one softmax per head).
+// kBf16: the GEMM inputs (q, k, p, dout, v, ds) rounded to bf16; p and ds are computed in fp32.
 template <bool kBf16>
-int AttnBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  if (nparam != 5 || !AllF32(nparam, dtypes) || ndims[0] != 3 || ndims[1] != 4) return 1;
+int AttnBwdCore(const float *qkv, const float *p, const float *dout, float scale, float *dqkv, int64_t bsz,
+                int64_t n, int64_t c, int64_t heads) {
   const auto gemm = Precision<kBf16>::Gemm();
   if (gemm == nullptr) return 3;
-  const float *qkv = static_cast<const float *>(params[0]);
-  const float *p = static_cast<const float *>(params[1]);
-  const float *dout = static_cast<const float *>(params[2]);
-  const float scale = *static_cast<const float *>(params[3]);
-  float *dqkv = static_cast<float *>(params[4]);
-  const int64_t bsz = shapes[0][0], n = shapes[0][1], c3 = shapes[0][2], heads = shapes[1][1];
-  const int64_t c = c3 / 3, hd = c / heads;
-  if (c3 != 3 * c || c != heads * hd || shapes[1][0] != bsz || shapes[1][2] != n || shapes[2][2] != c) return 2;
+  const int64_t c3 = 3 * c, hd = c / heads;
   GemmInput<kBf16> qkv_g, dout_g;
   const auto *qkv_in = qkv_g.Of(qkv, bsz * n * c3);
   const auto *dout_in = dout_g.Of(dout, bsz * n * c);
   return ParallelStatus(bsz * heads, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> ds(static_cast<size_t>(n * n));
+    std::vector<float> scratch(p == nullptr ? static_cast<size_t>(n * n) : 0);
     TaskGemmInput<kBf16> p_g, ds_g;
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / heads, h = bh % heads;
       const int64_t off = b * n * c3 + h * hd;
       const auto *q = qkv_in + off, *k = q + c, *v = q + 2 * c, *go = dout_in + b * n * c + h * hd;
       float *dq = dqkv + off, *dk = dq + c, *dv = dq + 2 * c;
-      const float *pb = p + bh * n * n;
-      int st = gemm('T', 'N', n, hd, n, 1.0f, p_g.Of(pb, n * n), n, go, c, 0.0f, dv, c3);
+      int st = 0;
+      const float *pb = p ? p + bh * n * n : scratch.data();
+      if (p == nullptr) {  // exactly AttnCore's first two steps
+        st = gemm('N', 'T', n, n, hd, scale, q, c3, k, c3, 0.0f, scratch.data(), n);
+        for (int64_t i = 0; i < n && st == 0; ++i) SoftmaxRow(scratch.data() + i * n, scratch.data() + i * n, n);
+      }
+      if (st == 0) st = gemm('T', 'N', n, hd, n, 1.0f, p_g.Of(pb, n * n), n, go, c, 0.0f, dv, c3);
       if (st == 0) st = gemm('N', 'T', n, n, hd, 1.0f, go, c, v, c3, 0.0f, ds.data(), n);
       for (int64_t i = 0; i < n && st == 0; ++i) SoftmaxGradRow(pb + i * n, ds.data() + i * n, ds.data() + i * n, n);
       const auto *dsi = st == 0 ? ds_g.Of(ds.data(), n * n) : nullptr;
@@ -870,6 +873,34 @@ int AttnBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char 
     }
     return 0;
   });
+}
+
+// AttnBwd(qkv, p, dout, scale) -> dqkv (B, N, 3C), the gradient of AttnFwd's out, H from p's shape
+template <bool kBf16>
+int AttnBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  if (nparam != 5 || !AllF32(nparam, dtypes) || ndims[0] != 3 || ndims[1] != 4) return 1;
+  const int64_t bsz = shapes[0][0], n = shapes[0][1], c3 = shapes[0][2], heads = shapes[1][1];
+  const int64_t c = c3 / 3;
+  if (c3 != 3 * c || heads <= 0 || c % heads != 0 || shapes[1][0] != bsz || shapes[1][2] != n || shapes[1][3] != n ||
+      shapes[2][2] != c) return 2;
+  return AttnBwdCore<kBf16>(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                            static_cast<const float *>(params[2]), *static_cast<const float *>(params[3]),
+                            static_cast<float *>(params[4]), bsz, n, c, heads);
+}
+
+// AttnRecomputeBwd(qkv, dout, scale (1), heads (1)) -> dqkv (B, N, 3C): the gradient of
+// AttnInferFwd's out, recomputing p per head (nothing but qkv is kept from the forward).
+template <bool kBf16>
+int AttnRecomputeBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  if (nparam != 5 || !AllF32(nparam, dtypes) || ndims[0] != 3 || ndims[1] != 3 || ndims[4] != 3) return 1;
+  const int64_t bsz = shapes[0][0], n = shapes[0][1], c3 = shapes[0][2];
+  const int64_t heads = static_cast<int64_t>(*static_cast<const float *>(params[3]));
+  const int64_t c = c3 / 3;
+  if (c3 != 3 * c || heads <= 0 || c % heads != 0 || shapes[1][0] != bsz || shapes[1][1] != n ||
+      shapes[1][2] != c || shapes[4][0] != bsz || shapes[4][1] != n || shapes[4][2] != c3) return 2;
+  return AttnBwdCore<kBf16>(static_cast<const float *>(params[0]), nullptr, static_cast<const float *>(params[1]),
+                            *static_cast<const float *>(params[2]), static_cast<float *>(params[4]), bsz, n, c,
+                            heads);
 }
 
 extern "C" {
@@ -965,6 +996,9 @@ RF_AOT_ENTRY(RfAttnBf16Bwd, AttnBwd<true>)
 // ... and without the p output (evaluation)
 RF_AOT_ENTRY(RfAttnInferFwd, AttnInferFwd<false>)
 RF_AOT_ENTRY(RfAttnBf16InferFwd, AttnInferFwd<true>)
+// The backward of the two above, recomputing p (see AttnBwdCore)
+RF_AOT_ENTRY(RfAttnRecomputeBwd, AttnRecomputeBwd<false>)
+RF_AOT_ENTRY(RfAttnBf16RecomputeBwd, AttnRecomputeBwd<true>)
 #undef RF_AOT_ENTRY
 
 }  // extern "C"
