@@ -200,8 +200,12 @@ def test_bf16_linear_is_bf16_inputs_with_fp32_accumulation(mode):
     dy = rs.standard_normal((m, n)).astype(np.float32)
     with ms_mode(mode):
         net = _Apply(K.linear_op(bf16=True))
-        y = net(ms.Tensor(x), ms.Tensor(w), ms.Tensor(b)).asnumpy()
-        dx, dw, db = _Grad(net)(ms.Tensor(x), ms.Tensor(w), ms.Tensor(b), ms.Tensor(dy))
+        y, xb = net(ms.Tensor(x), ms.Tensor(w), ms.Tensor(b))
+        # the second output is x rounded to bf16, what the backward keeps instead of x
+        assert xb.dtype == ms.bfloat16 and xb.shape == (m, k)
+        np.testing.assert_array_equal(xb.float().asnumpy(), _bf16(x))
+        y = y.asnumpy()
+        dx, dw, db = _Grad(net)(ms.Tensor(x), ms.Tensor(w), ms.Tensor(b), (ms.Tensor(dy), ops.zeros_like(xb)))
     # exact products of the rounded inputs, summed in float64: only fp32 accumulation order differs
     _close(y, _bf16(x) @ _bf16(w).T + b, 1e-6, 'y')
     _close(dx.asnumpy(), _bf16(dy) @ _bf16(w), 1e-6, 'dx')
@@ -298,7 +302,14 @@ def test_attention_recompute_op_is_the_core_without_p(mode, bf16):
         out, p = train(ms.Tensor(qkv))
         out_i = infer(ms.Tensor(qkv))
         d_train = _Grad(train)(ms.Tensor(qkv), (ms.Tensor(dout), ops.zeros_like(p)))[0].asnumpy()
-        d_infer = _Grad(infer)(ms.Tensor(qkv), ms.Tensor(dout))[0].asnumpy()
+        if bf16:  # (out, qkv rounded to bf16: what the backward keeps instead of qkv)
+            out_i, qkvb = out_i
+            assert qkvb.dtype == ms.bfloat16
+            np.testing.assert_array_equal(qkvb.float().asnumpy(), _bf16(qkv))
+            sens = (ms.Tensor(dout), ops.zeros_like(qkvb))
+        else:
+            sens = ms.Tensor(dout)
+        d_infer = _Grad(infer)(ms.Tensor(qkv), sens)[0].asnumpy()
     assert out_i.shape == out.shape == (b, n, heads * hd)
     np.testing.assert_array_equal(out_i.asnumpy(), out.asnumpy())
     np.testing.assert_array_equal(d_infer, d_train)

@@ -287,16 +287,25 @@ def linear_op(bf16=False):
     oneDNN's GEMMs (the libdnnl MindSpore ships), split over the kernel threads by rows; one
     output instead of MatMul's and BiasAdd's two. ``bf16=True``: GEMM inputs rounded to bfloat16
     (nearest even), fp32 accumulation, fp32 output — what torch.autocast('cpu', torch.bfloat16)
-    does for nn.Linear, except that the output stays fp32.
+    does for nn.Linear, except that the output stays fp32. The op then returns ``(y, xb)``: xb is
+    x rounded to bf16 (the GEMM's input anyway), and the backward keeps xb instead of x — half the
+    memory for the same values, as autocast keeps its bf16 copy of x.
     """
-    name = 'RfLinearBf16' if bf16 else 'RfLinear'
-    bwd = _custom(name + 'Bwd', lambda x, w, dy: (x, w, [w[0]]), lambda x, w, dy: (x, w, w))
+    if bf16:
+        bwd = _custom('RfLinearBf16Bwd', lambda xb, w, dy: (xb, w, [w[0]]), lambda xb, w, dy: (dy, dy, dy))
+
+        def bprop(x, weight, bias, out, dout):
+            return bwd(out[1], weight, dout[0])
+
+        return _custom('RfLinearBf16Fwd', lambda x, w, b: (list(x[:-1]) + [w[0]], x),
+                       lambda x, w, b: (x, ms.bfloat16), bprop)
+    bwd = _custom('RfLinearBwd', lambda x, w, dy: (x, w, [w[0]]), lambda x, w, dy: (x, w, w))
 
     def bprop(x, weight, bias, out, dout):
         dx, dw, db = bwd(x, weight, dout)
         return dx, dw, db
 
-    return _custom(name + 'Fwd', lambda x, w, b: list(x[:-1]) + [w[0]], lambda x, w, b: x, bprop)
+    return _custom('RfLinearFwd', lambda x, w, b: list(x[:-1]) + [w[0]], lambda x, w, b: x, bprop)
 
 
 def attention_op(num_heads, bf16=False):
@@ -343,14 +352,26 @@ def attention_recompute_op(num_heads, bf16=False):
     forward's, then runs attention_op's backward arithmetic — as torch's CPU flash attention keeps
     no probabilities either. Only qkv is kept between forward and backward: ViT-L/16 at batch 8
     saves 24 x 20 MB, for one extra q k^T GEMM and softmax per head in the backward.
+
+    ``bf16=True``: returns ``(out, qkvb)``, qkvb being qkv rounded to bf16 (what the GEMMs take
+    anyway); the backward keeps qkvb instead of qkv, half the memory for the same values.
     """
     name = 'RfAttnBf16' if bf16 else 'RfAttn'
+    out_shape = lambda qkv, s, h: [qkv[0], qkv[1], qkv[2] // 3]  # noqa: E731
+    if bf16:  # -> (out, qkvb): qkv rounded to bf16 (the GEMMs' input), kept for the backward instead of qkv
+        bwd = _custom(name + 'RecomputeBwd', lambda qkvb, d, s, h: qkvb, lambda qkvb, d, s, h: d)
+
+        def bprop(qkv, scale, heads, out, dout):
+            return bwd(out[1], dout[0], scale, heads), ops.zeros_like(scale), ops.zeros_like(heads)
+
+        return _custom(name + 'InferFwd', lambda qkv, s, h: (out_shape(qkv, s, h), qkv),
+                       lambda qkv, s, h: (qkv, ms.bfloat16), bprop)
     bwd = _custom(name + 'RecomputeBwd', lambda qkv, d, s, h: qkv, lambda qkv, d, s, h: qkv)
 
     def bprop(qkv, scale, heads, out, dout):
         return bwd(qkv, dout, scale, heads), ops.zeros_like(scale), ops.zeros_like(heads)
 
-    return _custom(name + 'InferFwd', lambda qkv, s, h: [qkv[0], qkv[1], qkv[2] // 3], lambda qkv, s, h: qkv, bprop)
+    return _custom(name + 'InferFwd', out_shape, lambda qkv, s, h: qkv, bprop)
 
 
 def row_scale_op():

@@ -56,9 +56,20 @@ inline int64_t Numel(int nd, const int64_t *s) {
   return n;
 }
 
+inline bool IsF32(const char *dtype) { return std::strcmp(dtype, "float32") == 0 || std::strcmp(dtype, "float") == 0; }
+
 inline bool AllF32(int nparam, const char **dtypes) {
   for (int i = 0; i < nparam; ++i) {
-    if (std::strcmp(dtypes[i], "float32") != 0 && std::strcmp(dtypes[i], "float") != 0) return false;
+    if (!IsF32(dtypes[i])) return false;
+  }
+  return true;
+}
+
+// The parameters' dtypes, one letter each: 'f' float32, 'b' bfloat16 (kinds has nparam letters).
+inline bool DtypesAre(int nparam, const char **dtypes, const char *kinds) {
+  if (static_cast<int>(std::strlen(kinds)) != nparam) return false;
+  for (int i = 0; i < nparam; ++i) {
+    if (kinds[i] == 'b' ? std::strcmp(dtypes[i], "bfloat16") != 0 : !IsF32(dtypes[i])) return false;
   }
   return true;
 }
@@ -472,10 +483,12 @@ int Gemm(Fn fn, char ta, char tb, int64_t m, int64_t n, int64_t k, const T *a, i
   });
 }
 
-// y (M, N) = x (M, K) @ w (N, K)^T + b (N)
+// fp32: LinearFwd(x (.., K), w (N, K), b (N)) -> y (.., N) = x @ w^T + b.
+// kBf16: LinearFwd(x, w, b) -> (y, xb): xb (.., K) is x rounded to bf16, the GEMM's input, given
+// out so that the backward keeps it instead of x (half the memory; the same values it would round).
 template <bool kBf16>
 int LinearFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  if (nparam != 4 || !AllF32(nparam, dtypes)) return 1;
+  if (nparam != (kBf16 ? 5 : 4) || !DtypesAre(nparam, dtypes, kBf16 ? "ffffb" : "ffff")) return 1;
   const float *x = static_cast<const float *>(params[0]);
   const float *w = static_cast<const float *>(params[1]);
   const float *b = static_cast<const float *>(params[2]);
@@ -486,15 +499,25 @@ int LinearFwd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   ParallelFor(m, 8, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) std::memcpy(y + i * n, b, sizeof(float) * n);
   });
-  GemmInput<kBf16> xg, wg;
-  return Gemm(Precision<kBf16>::Gemm(), 'N', 'T', m, n, k, xg.Of(x, m * k), k, k, wg.Of(w, n * k), k, true, y, n);
+  GemmInput<kBf16> wg;
+  if constexpr (kBf16) {
+    if (Numel(ndims[4], shapes[4]) != m * k) return 2;
+    uint16_t *xb = static_cast<uint16_t *>(params[4]);
+    ParallelFor(m * k, 1 << 16, [&](int64_t lo, int64_t hi) { ToBf16Into(x + lo, xb + lo, hi - lo); });
+    return Gemm(Precision<true>::Gemm(), 'N', 'T', m, n, k, static_cast<const uint16_t *>(xb), k, k,
+                wg.Of(w, n * k), k, true, y, n);
+  } else {
+    return Gemm(Precision<false>::Gemm(), 'N', 'T', m, n, k, x, k, k, wg.Of(w, n * k), k, true, y, n);
+  }
 }
 
-// (x (M, K), w (N, K), dy (M, N)) -> dx = dy @ w, dw = dy^T @ x, db = column sums of dy
+// LinearBwd(x (M, K), w (N, K), dy (M, N)) -> dx = dy @ w, dw = dy^T @ x, db = column sums of dy;
+// kBf16: x is the forward's xb (bf16), dy and w are rounded to bf16 here.
 template <bool kBf16>
 int LinearBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  if (nparam != 6 || !AllF32(nparam, dtypes)) return 1;
-  const float *x = static_cast<const float *>(params[0]);
+  if (nparam != 6 || !DtypesAre(nparam, dtypes, kBf16 ? "bfffff" : "ffffff")) return 1;
+  using In = typename Precision<kBf16>::In;
+  const In *xi = static_cast<const In *>(params[0]);
   const float *w = static_cast<const float *>(params[1]);
   const float *dy = static_cast<const float *>(params[2]);
   float *dx = static_cast<float *>(params[3]);
@@ -504,8 +527,8 @@ int LinearBwd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   if (ndims[1] != 2 || shapes[0][ndims[0] - 1] != k || shapes[2][ndims[2] - 1] != n) return 2;
   const int64_t m = Numel(ndims[0], shapes[0]) / k;
   ColSum(dy, m, n, db);
-  GemmInput<kBf16> xg, wg, gg;
-  const auto *xi = xg.Of(x, m * k), *wi = wg.Of(w, n * k), *gi = gg.Of(dy, m * n);
+  GemmInput<kBf16> wg, gg;
+  const auto *wi = wg.Of(w, n * k), *gi = gg.Of(dy, m * n);
   const auto gemm = Precision<kBf16>::Gemm();
   int s = Gemm(gemm, 'N', 'N', m, k, n, gi, n, n, wi, k, false, dx, k);
   if (s == 0) s = Gemm(gemm, 'T', 'N', n, k, m, gi, n, 1, xi, k, false, dw, k);
@@ -782,14 +805,13 @@ int RfAddRowScale(int nparam, void **params, int *ndims, int64_t **shapes, const
 // One task per (batch, head) on the thread pool, each making sequential oneDNN calls.
 // kBf16 (the --cpu_bf16 mode, as torch.autocast's bf16 scaled_dot_product_attention): q, k, v
 // and p enter the two GEMMs rounded to bf16, accumulation, softmax, p and out stay fp32.
+// qkv_in is qkv in the GEMMs' precision (fp32 itself, or rounded to bf16 by the caller).
 template <bool kBf16>
-int AttnCore(const float *qkv, float scale, float *out, float *p, int64_t bsz, int64_t n, int64_t c,
-             int64_t heads) {
+int AttnCore(const typename Precision<kBf16>::In *qkv_in, float scale, float *out, float *p, int64_t bsz, int64_t n,
+             int64_t c, int64_t heads) {
   const int64_t c3 = 3 * c, hd = c / heads;
   const auto gemm = Precision<kBf16>::Gemm();
   if (gemm == nullptr) return 3;
-  GemmInput<kBf16> qkv_g;
-  const auto *qkv_in = qkv_g.Of(qkv, bsz * n * c3);
   return ParallelStatus(bsz * heads, 1, [&](int64_t lo, int64_t hi) {
     TaskGemmInput<kBf16> p_g;
     std::vector<float> scratch(p == nullptr ? static_cast<size_t>(n * n) : 0);
@@ -814,22 +836,36 @@ int AttnFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char 
   const int64_t c = c3 / 3;
   if (c3 != 3 * c || heads <= 0 || c % heads != 0 || shapes[3][0] != bsz || shapes[3][2] != n || shapes[3][3] != n ||
       shapes[2][2] != c) return 2;
-  return AttnCore<kBf16>(static_cast<const float *>(params[0]), *static_cast<const float *>(params[1]),
-                         static_cast<float *>(params[2]), static_cast<float *>(params[3]), bsz, n, c, heads);
+  GemmInput<kBf16> qkv_g;
+  return AttnCore<kBf16>(qkv_g.Of(static_cast<const float *>(params[0]), bsz * n * c3),
+                         *static_cast<const float *>(params[1]), static_cast<float *>(params[2]),
+                         static_cast<float *>(params[3]), bsz, n, c, heads);
 }
 
 // AttnInferFwd(qkv (B, N, 3C), scale (1), heads (1)) -> out (B, N, C): AttnFwd's out without
-// writing p (B, H, N, N) to memory, for evaluation (p is the biggest tensor of the core).
+// writing p (B, H, N, N), the biggest tensor of the core, to memory (AttnRecomputeBwd recomputes it).
+// kBf16: -> (out, qkvb (B, N, 3C) bf16): qkv rounded to bf16, the GEMMs' input, given out so that
+// the backward keeps it instead of qkv (half the memory; the same values it would round).
 template <bool kBf16>
 int AttnInferFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  if (nparam != 4 || !AllF32(nparam, dtypes) || ndims[0] != 3 || ndims[3] != 3) return 1;
+  if (nparam != (kBf16 ? 5 : 4) || !DtypesAre(nparam, dtypes, kBf16 ? "ffffb" : "ffff") || ndims[0] != 3 ||
+      ndims[3] != 3) return 1;
   const int64_t bsz = shapes[0][0], n = shapes[0][1], c3 = shapes[0][2];
   const int64_t heads = static_cast<int64_t>(*static_cast<const float *>(params[2]));
   const int64_t c = c3 / 3;
   if (c3 != 3 * c || heads <= 0 || c % heads != 0 || shapes[3][0] != bsz || shapes[3][1] != n || shapes[3][2] != c)
     return 2;
-  return AttnCore<kBf16>(static_cast<const float *>(params[0]), *static_cast<const float *>(params[1]),
-                         static_cast<float *>(params[3]), nullptr, bsz, n, c, heads);
+  const float *qkv = static_cast<const float *>(params[0]);
+  const float scale = *static_cast<const float *>(params[1]);
+  float *out = static_cast<float *>(params[3]);
+  if constexpr (kBf16) {
+    if (Numel(ndims[4], shapes[4]) != bsz * n * c3) return 2;
+    uint16_t *qkvb = static_cast<uint16_t *>(params[4]);
+    ParallelFor(bsz * n * c3, 1 << 16, [&](int64_t lo, int64_t hi) { ToBf16Into(qkv + lo, qkvb + lo, hi - lo); });
+    return AttnCore<true>(qkvb, scale, out, nullptr, bsz, n, c, heads);
+  } else {
+    return AttnCore<false>(qkv, scale, out, nullptr, bsz, n, c, heads);
+  }
 }
 
 // The gradient of the attention core's out for qkv (B, N, 3C) -> dqkv (B, N, 3C):
@@ -839,14 +875,14 @@ int AttnInferFwd(int nparam, void **params, int *ndims, int64_t **shapes, const 
 // bit, and p never has to be kept between the forward and the backward (flash-attention style;
 // costs one q k^T GEMM and one softmax per head).
 // kBf16: the GEMM inputs (q, k, p, dout, v, ds) rounded to bf16; p and ds are computed in fp32.
+// qkv_in is qkv in the GEMMs' precision, as for AttnCore.
 template <bool kBf16>
-int AttnBwdCore(const float *qkv, const float *p, const float *dout, float scale, float *dqkv, int64_t bsz,
-                int64_t n, int64_t c, int64_t heads) {
+int AttnBwdCore(const typename Precision<kBf16>::In *qkv_in, const float *p, const float *dout, float scale,
+                float *dqkv, int64_t bsz, int64_t n, int64_t c, int64_t heads) {
   const auto gemm = Precision<kBf16>::Gemm();
   if (gemm == nullptr) return 3;
   const int64_t c3 = 3 * c, hd = c / heads;
-  GemmInput<kBf16> qkv_g, dout_g;
-  const auto *qkv_in = qkv_g.Of(qkv, bsz * n * c3);
+  GemmInput<kBf16> dout_g;
   const auto *dout_in = dout_g.Of(dout, bsz * n * c);
   return ParallelStatus(bsz * heads, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> ds(static_cast<size_t>(n * n));
@@ -883,24 +919,28 @@ int AttnBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char 
   const int64_t c = c3 / 3;
   if (c3 != 3 * c || heads <= 0 || c % heads != 0 || shapes[1][0] != bsz || shapes[1][2] != n || shapes[1][3] != n ||
       shapes[2][2] != c) return 2;
-  return AttnBwdCore<kBf16>(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+  GemmInput<kBf16> qkv_g;
+  return AttnBwdCore<kBf16>(qkv_g.Of(static_cast<const float *>(params[0]), bsz * n * c3),
+                            static_cast<const float *>(params[1]),
                             static_cast<const float *>(params[2]), *static_cast<const float *>(params[3]),
                             static_cast<float *>(params[4]), bsz, n, c, heads);
 }
 
 // AttnRecomputeBwd(qkv, dout, scale (1), heads (1)) -> dqkv (B, N, 3C): the gradient of
 // AttnInferFwd's out, recomputing p per head (nothing but qkv is kept from the forward).
+// kBf16: the first input is AttnInferFwd's qkvb (bf16).
 template <bool kBf16>
 int AttnRecomputeBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  if (nparam != 5 || !AllF32(nparam, dtypes) || ndims[0] != 3 || ndims[1] != 3 || ndims[4] != 3) return 1;
+  if (nparam != 5 || !DtypesAre(nparam, dtypes, kBf16 ? "bffff" : "fffff") || ndims[0] != 3 || ndims[1] != 3 ||
+      ndims[4] != 3) return 1;
   const int64_t bsz = shapes[0][0], n = shapes[0][1], c3 = shapes[0][2];
   const int64_t heads = static_cast<int64_t>(*static_cast<const float *>(params[3]));
   const int64_t c = c3 / 3;
   if (c3 != 3 * c || heads <= 0 || c % heads != 0 || shapes[1][0] != bsz || shapes[1][1] != n ||
       shapes[1][2] != c || shapes[4][0] != bsz || shapes[4][1] != n || shapes[4][2] != c3) return 2;
-  return AttnBwdCore<kBf16>(static_cast<const float *>(params[0]), nullptr, static_cast<const float *>(params[1]),
-                            *static_cast<const float *>(params[2]), static_cast<float *>(params[4]), bsz, n, c,
-                            heads);
+  return AttnBwdCore<kBf16>(static_cast<const typename Precision<kBf16>::In *>(params[0]), nullptr,
+                            static_cast<const float *>(params[1]), *static_cast<const float *>(params[2]),
+                            static_cast<float *>(params[4]), bsz, n, c, heads);
 }
 
 extern "C" {
@@ -985,7 +1025,8 @@ int RfAvx512Build() {
 // Linear: LinearFwd(x (.., K), w (N, K), b (N)) -> y (.., N); LinearBwd(x, w, dy) -> (dx, dw, db)
 RF_AOT_ENTRY(RfLinearFwd, LinearFwd<false>)
 RF_AOT_ENTRY(RfLinearBwd, LinearBwd<false>)
-// The same with bf16 GEMM inputs (fp32 accumulation, fp32 outputs and bias)
+// The same with bf16 GEMM inputs (fp32 accumulation, fp32 outputs and bias):
+// RfLinearBf16Fwd(x, w, b) -> (y, xb bf16); RfLinearBf16Bwd(xb, w, dy) -> (dx, dw, db)
 RF_AOT_ENTRY(RfLinearBf16Fwd, LinearFwd<true>)
 RF_AOT_ENTRY(RfLinearBf16Bwd, LinearBwd<true>)
 // Attention core: fp32, and with bf16 GEMM inputs (see AttnFwd)
