@@ -89,7 +89,9 @@ class Dense(nn.Cell):
         self.fused = cpu_kernels.enabled() and self.has_bias
         self.bf16 = self.fused and cpu_kernels.bf16_matmul()
         use_gemm = self.fused and cpu_kernels.linear_available(self.bf16)
-        self.linear = cpu_kernels.linear_op(bf16=self.bf16) if use_gemm else None
+        # GRAPH + bf16: the op also returns x in bf16 for its backward (see linear_op)
+        self.bf16_pair = self.bf16 and cpu_kernels.save_bf16_inputs()
+        self.linear = cpu_kernels.linear_op(bf16=self.bf16, save_bf16=self.bf16_pair) if use_gemm else None
         # without oneDNN's GEMM: MatMul, then the fused bias add
         self.fused_bias_add = cpu_kernels.bias_add_op() if self.fused and not use_gemm else None
 
@@ -104,7 +106,7 @@ class Dense(nn.Cell):
 
     def construct(self, x):
         if self.linear is not None and x.dtype == ms.float32:
-            if self.bf16:
+            if self.bf16_pair:
                 return self.linear(x, self.weight, self.bias)[0]  # (y, x in bf16 for the backward)
             return self.linear(x, self.weight, self.bias)
         out_shape = x.shape[:-1] + (self.out_channels,)
@@ -137,9 +139,10 @@ class PatchProj(nn.Cell):
         self.fan_in = fan_in
         self.matmul = ops.MatMul(transpose_a=False, transpose_b=True)
         self.fused = cpu_kernels.enabled()
-        self.bf16 = self.fused and cpu_kernels.bf16_matmul()
-        use_gemm = self.fused and cpu_kernels.linear_available(self.bf16)
-        self.linear = cpu_kernels.linear_op(bf16=self.bf16) if use_gemm else None
+        bf16 = self.fused and cpu_kernels.bf16_matmul()
+        use_gemm = self.fused and cpu_kernels.linear_available(bf16)
+        self.bf16_pair = bf16 and cpu_kernels.save_bf16_inputs()  # as Dense
+        self.linear = cpu_kernels.linear_op(bf16=bf16, save_bf16=self.bf16_pair) if use_gemm else None
         self.fused_bias_add = cpu_kernels.bias_add_op() if self.fused and not use_gemm else None
 
     def construct(self, patches):
@@ -147,7 +150,7 @@ class PatchProj(nn.Cell):
         b, n, _ = patches.shape
         w = self.weight.reshape(self.embed_dim, self.fan_in)
         if self.linear is not None and patches.dtype == ms.float32:
-            if self.bf16:
+            if self.bf16_pair:
                 return self.linear(patches, w, self.bias)[0]
             return self.linear(patches, w, self.bias)
         y = self.matmul(patches.reshape(b * n, self.fan_in), w)
@@ -201,9 +204,11 @@ class Attention(nn.Cell):
         # head, as torch's CPU flash attention does); its GEMMs take bf16 inputs in the
         # --cpu_bf16 mode, like the Linear layers (torch's bf16 autocast runs timm's
         # scaled_dot_product_attention in bf16 too). Otherwise the split and the softmax alone are fused.
-        self.bf16 = self.fused and cpu_kernels.bf16_matmul()
-        use_core = self.fused and attn_drop == 0 and cpu_kernels.linear_available(self.bf16)
-        self.fused_attn = cpu_kernels.attention_recompute_op(num_heads, bf16=self.bf16) if use_core else None
+        bf16 = self.fused and cpu_kernels.bf16_matmul()
+        use_core = self.fused and attn_drop == 0 and cpu_kernels.linear_available(bf16)
+        self.bf16_pair = bf16 and cpu_kernels.save_bf16_inputs()  # (out, qkv in bf16), as Dense
+        self.fused_attn = (cpu_kernels.attention_recompute_op(num_heads, bf16=bf16, save_bf16=self.bf16_pair)
+                           if use_core else None)
         self.heads_t = cpu_kernels.scalar(float(num_heads))
         use_parts = self.fused and not use_core
         self.qkv_split = cpu_kernels.qkv_split_op(num_heads) if use_parts else None
@@ -214,7 +219,7 @@ class Attention(nn.Cell):
         qkv = self.qkv(x)
         if self.fused_attn is not None and qkv.dtype == ms.float32:
             x = self.fused_attn(qkv, self.scale_t, self.heads_t)
-            if self.bf16:
+            if self.bf16_pair:
                 x = x[0]  # (out, qkv in bf16 for the backward)
             return self.proj_drop(self.proj(x))
         if self.qkv_split is not None and qkv.dtype == ms.float32:

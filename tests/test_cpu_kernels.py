@@ -189,7 +189,8 @@ def _bf16(a):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_bf16_linear_is_bf16_inputs_with_fp32_accumulation(mode):
+@pytest.mark.parametrize("save", [True, False], ids=["saves_xb", "no_save"])
+def test_bf16_linear_is_bf16_inputs_with_fp32_accumulation(mode, save):
     if not K.linear_available(bf16=True):
         pytest.skip(K.status())
     rs = np.random.RandomState(7)
@@ -199,13 +200,17 @@ def test_bf16_linear_is_bf16_inputs_with_fp32_accumulation(mode):
     b = rs.standard_normal(n).astype(np.float32)
     dy = rs.standard_normal((m, n)).astype(np.float32)
     with ms_mode(mode):
-        net = _Apply(K.linear_op(bf16=True))
-        y, xb = net(ms.Tensor(x), ms.Tensor(w), ms.Tensor(b))
-        # the second output is x rounded to bf16, what the backward keeps instead of x
-        assert xb.dtype == ms.bfloat16 and xb.shape == (m, k)
-        np.testing.assert_array_equal(xb.float().asnumpy(), _bf16(x))
+        net = _Apply(K.linear_op(bf16=True, save_bf16=save))
+        if save:
+            y, xb = net(ms.Tensor(x), ms.Tensor(w), ms.Tensor(b))
+            # the second output is x rounded to bf16, what the backward keeps instead of x
+            assert xb.dtype == ms.bfloat16 and xb.shape == (m, k)
+            np.testing.assert_array_equal(xb.float().asnumpy(), _bf16(x))
+            sens = (ms.Tensor(dy), ops.zeros_like(xb))
+        else:
+            y, sens = net(ms.Tensor(x), ms.Tensor(w), ms.Tensor(b)), ms.Tensor(dy)
         y = y.asnumpy()
-        dx, dw, db = _Grad(net)(ms.Tensor(x), ms.Tensor(w), ms.Tensor(b), (ms.Tensor(dy), ops.zeros_like(xb)))
+        dx, dw, db = _Grad(net)(ms.Tensor(x), ms.Tensor(w), ms.Tensor(b), sens)
     # exact products of the rounded inputs, summed in float64: only fp32 accumulation order differs
     _close(y, _bf16(x) @ _bf16(w).T + b, 1e-6, 'y')
     _close(dx.asnumpy(), _bf16(dy) @ _bf16(w), 1e-6, 'dx')
@@ -286,8 +291,9 @@ def test_bf16_attention_core_is_bf16_gemm_inputs_with_fp32_softmax(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_attention_recompute_op_is_the_core_without_p(mode, bf16):
+@pytest.mark.parametrize("bf16,save", [(False, False), (True, True), (True, False)],
+                         ids=["fp32", "bf16", "bf16_no_save"])
+def test_attention_recompute_op_is_the_core_without_p(mode, bf16, save):
     # the model's operator keeps no p: the same out as attention_op, bit for bit, and the same
     # gradient bit for bit (its backward recomputes each head's p exactly as the forward made it)
     if not K.linear_available(bf16=bf16):
@@ -298,11 +304,12 @@ def test_attention_recompute_op_is_the_core_without_p(mode, bf16):
     dout = rs.standard_normal((b, n, heads * hd)).astype(np.float32)
     with ms_mode(mode):
         train = _Apply(K.attention_op(heads, bf16=bf16), K.scalar(hd ** -0.5))
-        infer = _Apply(K.attention_recompute_op(heads, bf16=bf16), K.scalar(hd ** -0.5), K.scalar(float(heads)))
+        infer = _Apply(K.attention_recompute_op(heads, bf16=bf16, save_bf16=save), K.scalar(hd ** -0.5),
+                       K.scalar(float(heads)))
         out, p = train(ms.Tensor(qkv))
         out_i = infer(ms.Tensor(qkv))
         d_train = _Grad(train)(ms.Tensor(qkv), (ms.Tensor(dout), ops.zeros_like(p)))[0].asnumpy()
-        if bf16:  # (out, qkv rounded to bf16: what the backward keeps instead of qkv)
+        if bf16 and save:  # (out, qkv rounded to bf16: what the backward keeps instead of qkv)
             out_i, qkvb = out_i
             assert qkvb.dtype == ms.bfloat16
             np.testing.assert_array_equal(qkvb.float().asnumpy(), _bf16(qkv))

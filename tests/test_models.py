@@ -116,6 +116,47 @@ def test_cpu_bf16_logits_track_torch_bf16_autocast(mode, monkeypatch):
     assert _max_abs(ref16, ref32) > 1e-4 * scale
 
 
+class _WeightedSum(nn.Cell):
+    def __init__(self, net, w):
+        super().__init__(auto_prefix=False)
+        self.net, self.w = net, w
+
+    def construct(self, x):
+        return (self.net(x) * self.w).sum()
+
+
+@pytest.mark.torch
+def test_cpu_bf16_saved_bf16_inputs_leave_the_gradients_unchanged(monkeypatch):
+    """A GRAPH-mode build hands the bf16-rounded GEMM inputs to the backward (Linear: (y, xb), the
+    attention core: (out, qkvb)), a PyNative build rounds the fp32 inputs again in the backward:
+    the same values, so every parameter gradient is bit-identical."""
+    import torch
+    from util_mindspore import cpu_kernels
+    from tests.original_reference import retfound_vit, randomize_, state_dict_numpy
+    if not cpu_kernels.linear_available(bf16=True):
+        pytest.skip(cpu_kernels.status())
+    state = state_dict_numpy(randomize_(retfound_vit(global_pool=True, num_classes=3, **TINY), seed=5))
+    monkeypatch.setitem(cpu_kernels._state, 'bf16_matmul', True)
+    with ms_mode(ms.PYNATIVE_MODE):
+        plain = load_numpy_state(tiny_vit(global_pool=True), state)
+    with ms_mode(ms.GRAPH_MODE):
+        paired = load_numpy_state(tiny_vit(global_pool=True), state)
+        assert paired.blocks[0].attn.qkv.bf16_pair and paired.blocks[0].attn.bf16_pair
+        assert not plain.blocks[0].attn.qkv.bf16_pair and not plain.blocks[0].attn.bf16_pair
+        x = ms.Tensor(torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(6)).numpy())
+        w = ms.Tensor(np.random.RandomState(7).standard_normal((3, 3)).astype(np.float32))
+        grads = []
+        for net in (plain, paired):
+            net.set_train(True)
+            fn = ms.value_and_grad(_WeightedSum(net, w), None, net.trainable_params())
+            _, g = fn(x)
+            grads.append([a.asnumpy() for a in g])
+    assert len(grads[0]) == len(grads[1]) > 10
+    for a, b in zip(*grads):
+        np.testing.assert_array_equal(a, b)
+    assert max(np.abs(a).max() for a in grads[0]) > 0
+
+
 @pytest.mark.torch
 def test_fc_norm_is_applied_twice_like_original_and_single_is_optional():
     """PARITY: under timm 0.9 the original applies fc_norm twice; our default does too."""

@@ -29,7 +29,7 @@ from mindspore import ops, Tensor
 
 __all__ = ['enabled', 'library_path', 'status', 'layer_norm_op', 'bias_add_op', 'bias_gelu_op',
            'gelu_op', 'softmax_op', 'qkv_split_op', 'attention_op', 'attention_recompute_op', 'linear_op', 'row_scale_op', 'add_row_scale_op', 'linear_available', 'set_bf16_matmul',
-           'bf16_matmul', 'cpu_has_bf16', 'ENV_SWITCH', 'ENV_CACHE']
+           'bf16_matmul', 'save_bf16_inputs', 'cpu_has_bf16', 'ENV_SWITCH', 'ENV_CACHE']
 
 ENV_SWITCH = 'RETFOUND_CPU_KERNELS'   # '0' / 'off' / 'false': never use the fused kernels
 ENV_CACHE = 'RETFOUND_KERNEL_CACHE'   # where the compiled library is kept
@@ -182,6 +182,14 @@ def set_bf16_matmul(flag):
     _state['bf16_matmul'] = bool(flag)
 
 
+def save_bf16_inputs():
+    """Whether bf16 operators built now should hand their bf16 GEMM inputs to their backward (the
+    ``save_bf16`` of linear_op / attention_recompute_op): in GRAPH mode the fp32 sources are then
+    freed after the forward; PyNative's autograd keeps a custom op's inputs anyway, so there the
+    copies would only add memory."""
+    return ms.get_context('mode') == ms.GRAPH_MODE
+
+
 def bf16_matmul():
     return _state['bf16_matmul']
 
@@ -280,7 +288,7 @@ def qkv_split_op(num_heads):
     return _custom('RfQkvSplit', split_shape, lambda qkv, s: (qkv, qkv, qkv), bprop)
 
 
-def linear_op(bf16=False):
+def linear_op(bf16=False, save_bf16=True):
     """op(x (..., K), weight (N, K), bias (N)) -> x @ weight.T + bias, with the three gradients in
     one backward kernel (dx = dy @ W, dW = dy^T @ x, db = column sums of dy).
 
@@ -289,8 +297,18 @@ def linear_op(bf16=False):
     (nearest even), fp32 accumulation, fp32 output — what torch.autocast('cpu', torch.bfloat16)
     does for nn.Linear, except that the output stays fp32. The op then returns ``(y, xb)``: xb is
     x rounded to bf16 (the GEMM's input anyway), and the backward keeps xb instead of x — half the
-    memory for the same values, as autocast keeps its bf16 copy of x.
+    memory for the same values, as autocast keeps its bf16 copy of x. ``save_bf16=False`` (for
+    PyNative, whose autograd keeps every input of a custom op for its backward anyway): only ``y``,
+    and the backward rounds x again.
     """
+    if bf16 and not save_bf16:
+        bwd = _custom('RfLinearBf16NoSaveBwd', lambda x, w, dy: (x, w, [w[0]]), lambda x, w, dy: (x, w, w))
+
+        def bprop(x, weight, bias, out, dout):
+            dx, dw, db = bwd(x, weight, dout)
+            return dx, dw, db
+
+        return _custom('RfLinearBf16NoSaveFwd', lambda x, w, b: list(x[:-1]) + [w[0]], lambda x, w, b: x, bprop)
     if bf16:
         bwd = _custom('RfLinearBf16Bwd', lambda xb, w, dy: (xb, w, [w[0]]), lambda xb, w, dy: (dy, dy, dy))
 
@@ -340,7 +358,7 @@ def attention_op(num_heads, bf16=False):
     return _custom(name + 'Fwd', fwd_shape, lambda qkv, s: (qkv, qkv), bprop)
 
 
-def attention_recompute_op(num_heads, bf16=False):
+def attention_recompute_op(num_heads, bf16=False, save_bf16=True):
     """op(qkv (B, N, 3C), scale (1,), heads (1,)) -> out (B, N, C): attention_op's ``out`` without
     ``p`` (B, num_heads, N, N), the largest tensor of the core, ever being written to memory or
     kept for the backward. ``heads`` holds num_heads as a float (``scalar``). What the model uses,
@@ -355,10 +373,11 @@ def attention_recompute_op(num_heads, bf16=False):
 
     ``bf16=True``: returns ``(out, qkvb)``, qkvb being qkv rounded to bf16 (what the GEMMs take
     anyway); the backward keeps qkvb instead of qkv, half the memory for the same values.
+    ``save_bf16=False`` (PyNative, as for linear_op): only ``out``; the backward rounds qkv again.
     """
-    name = 'RfAttnBf16' if bf16 else 'RfAttn'
+    name = ('RfAttnBf16' if save_bf16 else 'RfAttnBf16NoSave') if bf16 else 'RfAttn'
     out_shape = lambda qkv, s, h: [qkv[0], qkv[1], qkv[2] // 3]  # noqa: E731
-    if bf16:  # -> (out, qkvb): qkv rounded to bf16 (the GEMMs' input), kept for the backward instead of qkv
+    if bf16 and save_bf16:  # -> (out, qkvb): qkv rounded to bf16 (the GEMMs' input), kept for the backward instead of qkv
         bwd = _custom(name + 'RecomputeBwd', lambda qkvb, d, s, h: qkvb, lambda qkvb, d, s, h: d)
 
         def bprop(qkv, scale, heads, out, dout):

@@ -483,12 +483,13 @@ int Gemm(Fn fn, char ta, char tb, int64_t m, int64_t n, int64_t k, const T *a, i
   });
 }
 
-// fp32: LinearFwd(x (.., K), w (N, K), b (N)) -> y (.., N) = x @ w^T + b.
-// kBf16: LinearFwd(x, w, b) -> (y, xb): xb (.., K) is x rounded to bf16, the GEMM's input, given
-// out so that the backward keeps it instead of x (half the memory; the same values it would round).
-template <bool kBf16>
+// LinearFwd(x (.., K), w (N, K), b (N)) -> y (.., N) = x @ w^T + b, GEMM inputs of precision kBf16.
+// kSave (bf16 only): -> (y, xb): xb (.., K) is x rounded to bf16, the GEMM's input, given out so
+// that the backward keeps it instead of x (half the memory; the same values it would round).
+template <bool kBf16, bool kSave = kBf16>
 int LinearFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  if (nparam != (kBf16 ? 5 : 4) || !DtypesAre(nparam, dtypes, kBf16 ? "ffffb" : "ffff")) return 1;
+  static_assert(kBf16 || !kSave, "only bf16 GEMM inputs are saved");
+  if (nparam != (kSave ? 5 : 4) || !DtypesAre(nparam, dtypes, kSave ? "ffffb" : "ffff")) return 1;
   const float *x = static_cast<const float *>(params[0]);
   const float *w = static_cast<const float *>(params[1]);
   const float *b = static_cast<const float *>(params[2]);
@@ -499,25 +500,24 @@ int LinearFwd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   ParallelFor(m, 8, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) std::memcpy(y + i * n, b, sizeof(float) * n);
   });
-  GemmInput<kBf16> wg;
-  if constexpr (kBf16) {
+  GemmInput<kBf16> xg, wg;
+  if constexpr (kSave) {
     if (Numel(ndims[4], shapes[4]) != m * k) return 2;
     uint16_t *xb = static_cast<uint16_t *>(params[4]);
     ParallelFor(m * k, 1 << 16, [&](int64_t lo, int64_t hi) { ToBf16Into(x + lo, xb + lo, hi - lo); });
     return Gemm(Precision<true>::Gemm(), 'N', 'T', m, n, k, static_cast<const uint16_t *>(xb), k, k,
                 wg.Of(w, n * k), k, true, y, n);
   } else {
-    return Gemm(Precision<false>::Gemm(), 'N', 'T', m, n, k, x, k, k, wg.Of(w, n * k), k, true, y, n);
+    return Gemm(Precision<kBf16>::Gemm(), 'N', 'T', m, n, k, xg.Of(x, m * k), k, k, wg.Of(w, n * k), k, true, y, n);
   }
 }
 
 // LinearBwd(x (M, K), w (N, K), dy (M, N)) -> dx = dy @ w, dw = dy^T @ x, db = column sums of dy;
-// kBf16: x is the forward's xb (bf16), dy and w are rounded to bf16 here.
-template <bool kBf16>
+// kBf16: GEMM inputs rounded to bf16 here; kSaved: x is the forward's xb (bf16 already).
+template <bool kBf16, bool kSaved = kBf16>
 int LinearBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  if (nparam != 6 || !DtypesAre(nparam, dtypes, kBf16 ? "bfffff" : "ffffff")) return 1;
-  using In = typename Precision<kBf16>::In;
-  const In *xi = static_cast<const In *>(params[0]);
+  static_assert(kBf16 || !kSaved, "only bf16 GEMM inputs are saved");
+  if (nparam != 6 || !DtypesAre(nparam, dtypes, kSaved ? "bfffff" : "ffffff")) return 1;
   const float *w = static_cast<const float *>(params[1]);
   const float *dy = static_cast<const float *>(params[2]);
   float *dx = static_cast<float *>(params[3]);
@@ -527,7 +527,13 @@ int LinearBwd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   if (ndims[1] != 2 || shapes[0][ndims[0] - 1] != k || shapes[2][ndims[2] - 1] != n) return 2;
   const int64_t m = Numel(ndims[0], shapes[0]) / k;
   ColSum(dy, m, n, db);
-  GemmInput<kBf16> wg, gg;
+  GemmInput<kBf16> xg, wg, gg;
+  const typename Precision<kBf16>::In *xi;
+  if constexpr (kSaved) {
+    xi = static_cast<const uint16_t *>(params[0]);
+  } else {
+    xi = xg.Of(static_cast<const float *>(params[0]), m * k);
+  }
   const auto *wi = wg.Of(w, n * k), *gi = gg.Of(dy, m * n);
   const auto gemm = Precision<kBf16>::Gemm();
   int s = Gemm(gemm, 'N', 'N', m, k, n, gi, n, n, wi, k, false, dx, k);
@@ -844,11 +850,12 @@ int AttnFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char 
 
 // AttnInferFwd(qkv (B, N, 3C), scale (1), heads (1)) -> out (B, N, C): AttnFwd's out without
 // writing p (B, H, N, N), the biggest tensor of the core, to memory (AttnRecomputeBwd recomputes it).
-// kBf16: -> (out, qkvb (B, N, 3C) bf16): qkv rounded to bf16, the GEMMs' input, given out so that
-// the backward keeps it instead of qkv (half the memory; the same values it would round).
-template <bool kBf16>
+// kSave (bf16 only): -> (out, qkvb (B, N, 3C) bf16): qkv rounded to bf16, the GEMMs' input, given
+// out so that the backward keeps it instead of qkv (half the memory; the same values it would round).
+template <bool kBf16, bool kSave = kBf16>
 int AttnInferFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  if (nparam != (kBf16 ? 5 : 4) || !DtypesAre(nparam, dtypes, kBf16 ? "ffffb" : "ffff") || ndims[0] != 3 ||
+  static_assert(kBf16 || !kSave, "only bf16 GEMM inputs are saved");
+  if (nparam != (kSave ? 5 : 4) || !DtypesAre(nparam, dtypes, kSave ? "ffffb" : "ffff") || ndims[0] != 3 ||
       ndims[3] != 3) return 1;
   const int64_t bsz = shapes[0][0], n = shapes[0][1], c3 = shapes[0][2];
   const int64_t heads = static_cast<int64_t>(*static_cast<const float *>(params[2]));
@@ -858,13 +865,14 @@ int AttnInferFwd(int nparam, void **params, int *ndims, int64_t **shapes, const 
   const float *qkv = static_cast<const float *>(params[0]);
   const float scale = *static_cast<const float *>(params[1]);
   float *out = static_cast<float *>(params[3]);
-  if constexpr (kBf16) {
+  if constexpr (kSave) {
     if (Numel(ndims[4], shapes[4]) != bsz * n * c3) return 2;
     uint16_t *qkvb = static_cast<uint16_t *>(params[4]);
     ParallelFor(bsz * n * c3, 1 << 16, [&](int64_t lo, int64_t hi) { ToBf16Into(qkv + lo, qkvb + lo, hi - lo); });
     return AttnCore<true>(qkvb, scale, out, nullptr, bsz, n, c, heads);
   } else {
-    return AttnCore<false>(qkv, scale, out, nullptr, bsz, n, c, heads);
+    GemmInput<kBf16> qkv_g;
+    return AttnCore<kBf16>(qkv_g.Of(qkv, bsz * n * c3), scale, out, nullptr, bsz, n, c, heads);
   }
 }
 
@@ -928,19 +936,27 @@ int AttnBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char 
 
 // AttnRecomputeBwd(qkv, dout, scale (1), heads (1)) -> dqkv (B, N, 3C): the gradient of
 // AttnInferFwd's out, recomputing p per head (nothing but qkv is kept from the forward).
-// kBf16: the first input is AttnInferFwd's qkvb (bf16).
-template <bool kBf16>
+// kSaved: the first input is AttnInferFwd's qkvb (bf16 already).
+template <bool kBf16, bool kSaved = kBf16>
 int AttnRecomputeBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  if (nparam != 5 || !DtypesAre(nparam, dtypes, kBf16 ? "bffff" : "fffff") || ndims[0] != 3 || ndims[1] != 3 ||
+  static_assert(kBf16 || !kSaved, "only bf16 GEMM inputs are saved");
+  if (nparam != 5 || !DtypesAre(nparam, dtypes, kSaved ? "bffff" : "fffff") || ndims[0] != 3 || ndims[1] != 3 ||
       ndims[4] != 3) return 1;
   const int64_t bsz = shapes[0][0], n = shapes[0][1], c3 = shapes[0][2];
   const int64_t heads = static_cast<int64_t>(*static_cast<const float *>(params[3]));
   const int64_t c = c3 / 3;
   if (c3 != 3 * c || heads <= 0 || c % heads != 0 || shapes[1][0] != bsz || shapes[1][1] != n ||
       shapes[1][2] != c || shapes[4][0] != bsz || shapes[4][1] != n || shapes[4][2] != c3) return 2;
-  return AttnBwdCore<kBf16>(static_cast<const typename Precision<kBf16>::In *>(params[0]), nullptr,
-                            static_cast<const float *>(params[1]), *static_cast<const float *>(params[2]),
-                            static_cast<float *>(params[4]), bsz, n, c, heads);
+  GemmInput<kBf16> qkv_g;
+  const typename Precision<kBf16>::In *qkv_in;
+  if constexpr (kSaved) {
+    qkv_in = static_cast<const uint16_t *>(params[0]);
+  } else {
+    qkv_in = qkv_g.Of(static_cast<const float *>(params[0]), bsz * n * c3);
+  }
+  return AttnBwdCore<kBf16>(qkv_in, nullptr, static_cast<const float *>(params[1]),
+                            *static_cast<const float *>(params[2]), static_cast<float *>(params[4]), bsz, n, c,
+                            heads);
 }
 
 extern "C" {
@@ -1029,6 +1045,10 @@ RF_AOT_ENTRY(RfLinearBwd, LinearBwd<false>)
 // RfLinearBf16Fwd(x, w, b) -> (y, xb bf16); RfLinearBf16Bwd(xb, w, dy) -> (dx, dw, db)
 RF_AOT_ENTRY(RfLinearBf16Fwd, LinearFwd<true>)
 RF_AOT_ENTRY(RfLinearBf16Bwd, LinearBwd<true>)
+// ... without the saved copy (PyNative, whose autograd keeps a custom op's inputs anyway):
+// RfLinearBf16NoSaveFwd(x, w, b) -> y; RfLinearBf16NoSaveBwd(x, w, dy) -> (dx, dw, db)
+RF_AOT_ENTRY(RfLinearBf16NoSaveFwd, (LinearFwd<true, false>))
+RF_AOT_ENTRY(RfLinearBf16NoSaveBwd, (LinearBwd<true, false>))
 // Attention core: fp32, and with bf16 GEMM inputs (see AttnFwd)
 RF_AOT_ENTRY(RfAttnFwd, AttnFwd<false>)
 RF_AOT_ENTRY(RfAttnBwd, AttnBwd<false>)
@@ -1040,6 +1060,9 @@ RF_AOT_ENTRY(RfAttnBf16InferFwd, AttnInferFwd<true>)
 // The backward of the two above, recomputing p (see AttnBwdCore)
 RF_AOT_ENTRY(RfAttnRecomputeBwd, AttnRecomputeBwd<false>)
 RF_AOT_ENTRY(RfAttnBf16RecomputeBwd, AttnRecomputeBwd<true>)
+// bf16 without the saved qkvb copy (PyNative), as for Linear
+RF_AOT_ENTRY(RfAttnBf16NoSaveInferFwd, (AttnInferFwd<true, false>))
+RF_AOT_ENTRY(RfAttnBf16NoSaveRecomputeBwd, (AttnRecomputeBwd<true, false>))
 #undef RF_AOT_ENTRY
 
 }  // extern "C"
