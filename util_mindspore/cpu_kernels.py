@@ -301,15 +301,7 @@ def linear_op(bf16=False, save_bf16=True):
     PyNative, whose autograd keeps every input of a custom op for its backward anyway): only ``y``,
     and the backward rounds x again.
     """
-    if bf16 and not save_bf16:
-        bwd = _custom('RfLinearBf16NoSaveBwd', lambda x, w, dy: (x, w, [w[0]]), lambda x, w, dy: (x, w, w))
-
-        def bprop(x, weight, bias, out, dout):
-            dx, dw, db = bwd(x, weight, dout)
-            return dx, dw, db
-
-        return _custom('RfLinearBf16NoSaveFwd', lambda x, w, b: list(x[:-1]) + [w[0]], lambda x, w, b: x, bprop)
-    if bf16:
+    if bf16 and save_bf16:  # -> (y, xb); the backward takes xb
         bwd = _custom('RfLinearBf16Bwd', lambda xb, w, dy: (xb, w, [w[0]]), lambda xb, w, dy: (dy, dy, dy))
 
         def bprop(x, weight, bias, out, dout):
@@ -317,13 +309,14 @@ def linear_op(bf16=False, save_bf16=True):
 
         return _custom('RfLinearBf16Fwd', lambda x, w, b: (list(x[:-1]) + [w[0]], x),
                        lambda x, w, b: (x, ms.bfloat16), bprop)
-    bwd = _custom('RfLinearBwd', lambda x, w, dy: (x, w, [w[0]]), lambda x, w, dy: (x, w, w))
+    name = 'RfLinearBf16NoSave' if bf16 else 'RfLinear'
+    bwd = _custom(name + 'Bwd', lambda x, w, dy: (x, w, [w[0]]), lambda x, w, dy: (x, w, w))
 
     def bprop(x, weight, bias, out, dout):
         dx, dw, db = bwd(x, weight, dout)
         return dx, dw, db
 
-    return _custom('RfLinearFwd', lambda x, w, b: list(x[:-1]) + [w[0]], lambda x, w, b: x, bprop)
+    return _custom(name + 'Fwd', lambda x, w, b: list(x[:-1]) + [w[0]], lambda x, w, b: x, bprop)
 
 
 def attention_op(num_heads, bf16=False):
@@ -377,7 +370,7 @@ def attention_recompute_op(num_heads, bf16=False, save_bf16=True):
     """
     name = ('RfAttnBf16' if save_bf16 else 'RfAttnBf16NoSave') if bf16 else 'RfAttn'
     out_shape = lambda qkv, s, h: [qkv[0], qkv[1], qkv[2] // 3]  # noqa: E731
-    if bf16 and save_bf16:  # -> (out, qkvb): qkv rounded to bf16 (the GEMMs' input), kept for the backward instead of qkv
+    if bf16 and save_bf16:  # -> (out, qkvb); the backward takes qkvb
         bwd = _custom(name + 'RecomputeBwd', lambda qkvb, d, s, h: qkvb, lambda qkvb, d, s, h: d)
 
         def bprop(qkv, scale, heads, out, dout):
