@@ -390,9 +390,8 @@ class _Pipeline:
         ds = ds.batch(loader.batch_size, drop_remainder=loader.drop_last)
         self.it = ds.create_tuple_iterator(output_numpy=True, num_epochs=-1)
         self.at_pass_end = True  # every batch of the current pass has been handed out
-        idle_batches = length // loader.batch_size if loader.drop_last else -(-length // loader.batch_size)
-        self._drained = {'batches': 0, 'error': None}
-        self._drain = threading.Thread(target=_drain_idle_pass, args=(self.it, idle_batches, self._drained),
+        self._drained = {'batches': 0, 'error': None}  # the idle pass has len(loader) batches, as every pass
+        self._drain = threading.Thread(target=_drain_idle_pass, args=(self.it, len(loader), self._drained),
                                        name='retfound-loader-start', daemon=True)
         self._drain.start()
         if multiprocess:

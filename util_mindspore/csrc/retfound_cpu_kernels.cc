@@ -374,6 +374,12 @@ inline void ToBf16Into(const float *x, uint16_t *o, int64_t n) {
   for (int64_t i = 0; i < n; ++i) o[i] = ToBf16(x[i]);
 }
 
+// x (n floats) rounded to bf16 into o, over the threads; returns o.
+inline const uint16_t *ToBf16Parallel(const float *x, uint16_t *o, int64_t n) {
+  ParallelFor(n, 1 << 16, [&](int64_t lo, int64_t hi) { ToBf16Into(x + lo, o + lo, hi - lo); });
+  return o;
+}
+
 // Scratch buffers for bf16 copies, reused across calls: a fresh std::vector per call costs
 // page faults and a zero-fill, two extra passes over ViT-L's weights per forward. A lease takes a
 // buffer from a shared free list (or makes one) and gives it back when it goes out of scope, so
@@ -401,9 +407,7 @@ class Bf16Lease {
       buf_ = std::vector<uint16_t>();  // free first: never hold the old and the new size at once
       buf_.resize(static_cast<size_t>(n));
     }
-    uint16_t *o = buf_.data();
-    ParallelFor(n, 1 << 16, [&](int64_t lo, int64_t hi) { ToBf16Into(x + lo, o + lo, hi - lo); });
-    return o;
+    return ToBf16Parallel(x, buf_.data(), n);
   }
 
  private:
@@ -470,6 +474,18 @@ class TaskGemmInput {
   std::vector<uint16_t> buf_;
 };
 
+// A backward kernel's GEMM input of precision kBf16: the forward's saved bf16 copy as it is
+// (kSaved), or the fp32 tensor rounded through g (or itself, in fp32).
+template <bool kBf16, bool kSaved>
+const typename Precision<kBf16>::In *SavedOr(GemmInput<kBf16> &g, const void *param, int64_t n) {
+  static_assert(kBf16 || !kSaved, "only bf16 GEMM inputs are saved");
+  if constexpr (kSaved) {
+    return static_cast<const uint16_t *>(param);
+  } else {
+    return g.Of(static_cast<const float *>(param), n);
+  }
+}
+
 // C (m x n, row-major, ldc) = op(A) op(B) [+ C when accumulate], split over threads by rows of C
 // (each thread one sequential oneDNN call on its row block). op(A) rows start at A + r * a_row_step.
 template <typename T, typename Fn>
@@ -503,10 +519,8 @@ int LinearFwd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   GemmInput<kBf16> xg, wg;
   if constexpr (kSave) {
     if (Numel(ndims[4], shapes[4]) != m * k) return 2;
-    uint16_t *xb = static_cast<uint16_t *>(params[4]);
-    ParallelFor(m * k, 1 << 16, [&](int64_t lo, int64_t hi) { ToBf16Into(x + lo, xb + lo, hi - lo); });
-    return Gemm(Precision<true>::Gemm(), 'N', 'T', m, n, k, static_cast<const uint16_t *>(xb), k, k,
-                wg.Of(w, n * k), k, true, y, n);
+    const uint16_t *xb = ToBf16Parallel(x, static_cast<uint16_t *>(params[4]), m * k);
+    return Gemm(Precision<true>::Gemm(), 'N', 'T', m, n, k, xb, k, k, wg.Of(w, n * k), k, true, y, n);
   } else {
     return Gemm(Precision<kBf16>::Gemm(), 'N', 'T', m, n, k, xg.Of(x, m * k), k, k, wg.Of(w, n * k), k, true, y, n);
   }
@@ -516,7 +530,6 @@ int LinearFwd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
 // kBf16: GEMM inputs rounded to bf16 here; kSaved: x is the forward's xb (bf16 already).
 template <bool kBf16, bool kSaved = kBf16>
 int LinearBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  static_assert(kBf16 || !kSaved, "only bf16 GEMM inputs are saved");
   if (nparam != 6 || !DtypesAre(nparam, dtypes, kSaved ? "bfffff" : "ffffff")) return 1;
   const float *w = static_cast<const float *>(params[1]);
   const float *dy = static_cast<const float *>(params[2]);
@@ -528,12 +541,7 @@ int LinearBwd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   const int64_t m = Numel(ndims[0], shapes[0]) / k;
   ColSum(dy, m, n, db);
   GemmInput<kBf16> xg, wg, gg;
-  const typename Precision<kBf16>::In *xi;
-  if constexpr (kSaved) {
-    xi = static_cast<const uint16_t *>(params[0]);
-  } else {
-    xi = xg.Of(static_cast<const float *>(params[0]), m * k);
-  }
+  const auto *xi = SavedOr<kBf16, kSaved>(xg, params[0], m * k);
   const auto *wi = wg.Of(w, n * k), *gi = gg.Of(dy, m * n);
   const auto gemm = Precision<kBf16>::Gemm();
   int s = Gemm(gemm, 'N', 'N', m, k, n, gi, n, n, wi, k, false, dx, k);
@@ -867,8 +875,7 @@ int AttnInferFwd(int nparam, void **params, int *ndims, int64_t **shapes, const 
   float *out = static_cast<float *>(params[3]);
   if constexpr (kSave) {
     if (Numel(ndims[4], shapes[4]) != bsz * n * c3) return 2;
-    uint16_t *qkvb = static_cast<uint16_t *>(params[4]);
-    ParallelFor(bsz * n * c3, 1 << 16, [&](int64_t lo, int64_t hi) { ToBf16Into(qkv + lo, qkvb + lo, hi - lo); });
+    const uint16_t *qkvb = ToBf16Parallel(qkv, static_cast<uint16_t *>(params[4]), bsz * n * c3);
     return AttnCore<true>(qkvb, scale, out, nullptr, bsz, n, c, heads);
   } else {
     GemmInput<kBf16> qkv_g;
@@ -939,7 +946,6 @@ int AttnBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char 
 // kSaved: the first input is AttnInferFwd's qkvb (bf16 already).
 template <bool kBf16, bool kSaved = kBf16>
 int AttnRecomputeBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  static_assert(kBf16 || !kSaved, "only bf16 GEMM inputs are saved");
   if (nparam != 5 || !DtypesAre(nparam, dtypes, kSaved ? "bffff" : "fffff") || ndims[0] != 3 || ndims[1] != 3 ||
       ndims[4] != 3) return 1;
   const int64_t bsz = shapes[0][0], n = shapes[0][1], c3 = shapes[0][2];
@@ -948,15 +954,9 @@ int AttnRecomputeBwd(int nparam, void **params, int *ndims, int64_t **shapes, co
   if (c3 != 3 * c || heads <= 0 || c % heads != 0 || shapes[1][0] != bsz || shapes[1][1] != n ||
       shapes[1][2] != c || shapes[4][0] != bsz || shapes[4][1] != n || shapes[4][2] != c3) return 2;
   GemmInput<kBf16> qkv_g;
-  const typename Precision<kBf16>::In *qkv_in;
-  if constexpr (kSaved) {
-    qkv_in = static_cast<const uint16_t *>(params[0]);
-  } else {
-    qkv_in = qkv_g.Of(static_cast<const float *>(params[0]), bsz * n * c3);
-  }
-  return AttnBwdCore<kBf16>(qkv_in, nullptr, static_cast<const float *>(params[1]),
-                            *static_cast<const float *>(params[2]), static_cast<float *>(params[4]), bsz, n, c,
-                            heads);
+  return AttnBwdCore<kBf16>(SavedOr<kBf16, kSaved>(qkv_g, params[0], bsz * n * c3), nullptr,
+                            static_cast<const float *>(params[1]), *static_cast<const float *>(params[2]),
+                            static_cast<float *>(params[4]), bsz, n, c, heads);
 }
 
 extern "C" {
