@@ -32,6 +32,7 @@
 #include <condition_variable>
 #include <dlfcn.h>
 #include <functional>
+#include <initializer_list>
 #include <mutex>
 #include <sched.h>
 #include <string>
@@ -486,6 +487,18 @@ const typename Precision<kBf16>::In *SavedOr(GemmInput<kBf16> &g, const void *pa
   }
 }
 
+// A forward kernel's GEMM input of precision kBf16: x rounded into the op's bf16 output `saved`
+// (kSave: the backward takes that copy through SavedOr), or through g (or x itself, in fp32).
+template <bool kBf16, bool kSave>
+const typename Precision<kBf16>::In *SavingTo(GemmInput<kBf16> &g, const float *x, void *saved, int64_t n) {
+  static_assert(kBf16 || !kSave, "only bf16 GEMM inputs are saved");
+  if constexpr (kSave) {
+    return ToBf16Parallel(x, static_cast<uint16_t *>(saved), n);
+  } else {
+    return g.Of(x, n);
+  }
+}
+
 // C (m x n, row-major, ldc) = op(A) op(B) [+ C when accumulate], split over threads by rows of C
 // (each thread one sequential oneDNN call on its row block). op(A) rows start at A + r * a_row_step.
 template <typename T, typename Fn>
@@ -504,7 +517,6 @@ int Gemm(Fn fn, char ta, char tb, int64_t m, int64_t n, int64_t k, const T *a, i
 // that the backward keeps it instead of x (half the memory; the same values it would round).
 template <bool kBf16, bool kSave = kBf16>
 int LinearFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  static_assert(kBf16 || !kSave, "only bf16 GEMM inputs are saved");
   if (nparam != (kSave ? 5 : 4) || !DtypesAre(nparam, dtypes, kSave ? "ffffb" : "ffff")) return 1;
   const float *x = static_cast<const float *>(params[0]);
   const float *w = static_cast<const float *>(params[1]);
@@ -513,17 +525,13 @@ int LinearFwd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   const int64_t n = shapes[1][0], k = shapes[1][1];
   if (ndims[1] != 2 || shapes[0][ndims[0] - 1] != k || Numel(ndims[2], shapes[2]) != n) return 2;
   const int64_t m = Numel(ndims[0], shapes[0]) / k;
+  if (kSave && Numel(ndims[4], shapes[4]) != m * k) return 2;
   ParallelFor(m, 8, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) std::memcpy(y + i * n, b, sizeof(float) * n);
   });
   GemmInput<kBf16> xg, wg;
-  if constexpr (kSave) {
-    if (Numel(ndims[4], shapes[4]) != m * k) return 2;
-    const uint16_t *xb = ToBf16Parallel(x, static_cast<uint16_t *>(params[4]), m * k);
-    return Gemm(Precision<true>::Gemm(), 'N', 'T', m, n, k, xb, k, k, wg.Of(w, n * k), k, true, y, n);
-  } else {
-    return Gemm(Precision<kBf16>::Gemm(), 'N', 'T', m, n, k, xg.Of(x, m * k), k, k, wg.Of(w, n * k), k, true, y, n);
-  }
+  const auto *xi = SavingTo<kBf16, kSave>(xg, x, kSave ? params[4] : nullptr, m * k);
+  return Gemm(Precision<kBf16>::Gemm(), 'N', 'T', m, n, k, xi, k, k, wg.Of(w, n * k), k, true, y, n);
 }
 
 // LinearBwd(x (M, K), w (N, K), dy (M, N)) -> dx = dy @ w, dw = dy^T @ x, db = column sums of dy;
@@ -812,6 +820,20 @@ int RfAddRowScale(int nparam, void **params, int *ndims, int64_t **shapes, const
 }  // extern "C"
 
 // ---------------------------------------------------------------- attention core
+// The core's sizes from qkv's shape (B, N, 3C) and the head count; false when they do not fit.
+struct AttnDims {
+  int64_t bsz, n, c3, c, heads;
+};
+inline bool AttnDimsOf(const int64_t *qkv_shape, int64_t heads, AttnDims *d) {
+  *d = {qkv_shape[0], qkv_shape[1], qkv_shape[2], qkv_shape[2] / 3, heads};
+  return d->c3 == 3 * d->c && heads > 0 && d->c % heads == 0;
+}
+
+// Whether a parameter's shape is exactly `want`.
+inline bool ShapeIs(int nd, const int64_t *shape, std::initializer_list<int64_t> want) {
+  return nd == static_cast<int>(want.size()) && std::equal(want.begin(), want.end(), shape);
+}
+
 // Attention core for qkv (B, N, 3C) with `heads` heads -> out (B, N, C); p (B, H, N, N) receives
 // the softmax probabilities, or is nullptr (inference: each task keeps its head's p in scratch).
 // For each (batch, head), with q, k, v read in place from qkv (timm's reshape-permute layout),
@@ -846,14 +868,13 @@ int AttnCore(const typename Precision<kBf16>::In *qkv_in, float scale, float *ou
 template <bool kBf16>
 int AttnFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam != 4 || !AllF32(nparam, dtypes) || ndims[0] != 3 || ndims[3] != 4) return 1;
-  const int64_t bsz = shapes[0][0], n = shapes[0][1], c3 = shapes[0][2], heads = shapes[3][1];
-  const int64_t c = c3 / 3;
-  if (c3 != 3 * c || heads <= 0 || c % heads != 0 || shapes[3][0] != bsz || shapes[3][2] != n || shapes[3][3] != n ||
-      shapes[2][2] != c) return 2;
+  AttnDims d;
+  if (!AttnDimsOf(shapes[0], shapes[3][1], &d) || !ShapeIs(ndims[2], shapes[2], {d.bsz, d.n, d.c}) ||
+      !ShapeIs(ndims[3], shapes[3], {d.bsz, d.heads, d.n, d.n})) return 2;
   GemmInput<kBf16> qkv_g;
-  return AttnCore<kBf16>(qkv_g.Of(static_cast<const float *>(params[0]), bsz * n * c3),
+  return AttnCore<kBf16>(qkv_g.Of(static_cast<const float *>(params[0]), d.bsz * d.n * d.c3),
                          *static_cast<const float *>(params[1]), static_cast<float *>(params[2]),
-                         static_cast<float *>(params[3]), bsz, n, c, heads);
+                         static_cast<float *>(params[3]), d.bsz, d.n, d.c, d.heads);
 }
 
 // AttnInferFwd(qkv (B, N, 3C), scale (1), heads (1)) -> out (B, N, C): AttnFwd's out without
@@ -862,25 +883,16 @@ int AttnFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char 
 // out so that the backward keeps it instead of qkv (half the memory; the same values it would round).
 template <bool kBf16, bool kSave = kBf16>
 int AttnInferFwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  static_assert(kBf16 || !kSave, "only bf16 GEMM inputs are saved");
-  if (nparam != (kSave ? 5 : 4) || !DtypesAre(nparam, dtypes, kSave ? "ffffb" : "ffff") || ndims[0] != 3 ||
-      ndims[3] != 3) return 1;
-  const int64_t bsz = shapes[0][0], n = shapes[0][1], c3 = shapes[0][2];
-  const int64_t heads = static_cast<int64_t>(*static_cast<const float *>(params[2]));
-  const int64_t c = c3 / 3;
-  if (c3 != 3 * c || heads <= 0 || c % heads != 0 || shapes[3][0] != bsz || shapes[3][1] != n || shapes[3][2] != c)
-    return 2;
-  const float *qkv = static_cast<const float *>(params[0]);
-  const float scale = *static_cast<const float *>(params[1]);
-  float *out = static_cast<float *>(params[3]);
-  if constexpr (kSave) {
-    if (Numel(ndims[4], shapes[4]) != bsz * n * c3) return 2;
-    const uint16_t *qkvb = ToBf16Parallel(qkv, static_cast<uint16_t *>(params[4]), bsz * n * c3);
-    return AttnCore<true>(qkvb, scale, out, nullptr, bsz, n, c, heads);
-  } else {
-    GemmInput<kBf16> qkv_g;
-    return AttnCore<kBf16>(qkv_g.Of(qkv, bsz * n * c3), scale, out, nullptr, bsz, n, c, heads);
-  }
+  if (nparam != (kSave ? 5 : 4) || !DtypesAre(nparam, dtypes, kSave ? "ffffb" : "ffff") || ndims[0] != 3) return 1;
+  AttnDims d;
+  if (!AttnDimsOf(shapes[0], static_cast<int64_t>(*static_cast<const float *>(params[2])), &d) ||
+      !ShapeIs(ndims[3], shapes[3], {d.bsz, d.n, d.c}) ||
+      (kSave && !ShapeIs(ndims[4], shapes[4], {d.bsz, d.n, d.c3}))) return 2;
+  GemmInput<kBf16> qkv_g;
+  const auto *qkv_in = SavingTo<kBf16, kSave>(qkv_g, static_cast<const float *>(params[0]), kSave ? params[4] : nullptr,
+                                              d.bsz * d.n * d.c3);
+  return AttnCore<kBf16>(qkv_in, *static_cast<const float *>(params[1]), static_cast<float *>(params[3]), nullptr,
+                         d.bsz, d.n, d.c, d.heads);
 }
 
 // The gradient of the attention core's out for qkv (B, N, 3C) -> dqkv (B, N, 3C):
@@ -930,15 +942,14 @@ int AttnBwdCore(const typename Precision<kBf16>::In *qkv_in, const float *p, con
 template <bool kBf16>
 int AttnBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam != 5 || !AllF32(nparam, dtypes) || ndims[0] != 3 || ndims[1] != 4) return 1;
-  const int64_t bsz = shapes[0][0], n = shapes[0][1], c3 = shapes[0][2], heads = shapes[1][1];
-  const int64_t c = c3 / 3;
-  if (c3 != 3 * c || heads <= 0 || c % heads != 0 || shapes[1][0] != bsz || shapes[1][2] != n || shapes[1][3] != n ||
-      shapes[2][2] != c) return 2;
+  AttnDims d;
+  if (!AttnDimsOf(shapes[0], shapes[1][1], &d) || !ShapeIs(ndims[1], shapes[1], {d.bsz, d.heads, d.n, d.n}) ||
+      !ShapeIs(ndims[2], shapes[2], {d.bsz, d.n, d.c}) || !ShapeIs(ndims[4], shapes[4], {d.bsz, d.n, d.c3})) return 2;
   GemmInput<kBf16> qkv_g;
-  return AttnBwdCore<kBf16>(qkv_g.Of(static_cast<const float *>(params[0]), bsz * n * c3),
+  return AttnBwdCore<kBf16>(qkv_g.Of(static_cast<const float *>(params[0]), d.bsz * d.n * d.c3),
                             static_cast<const float *>(params[1]),
                             static_cast<const float *>(params[2]), *static_cast<const float *>(params[3]),
-                            static_cast<float *>(params[4]), bsz, n, c, heads);
+                            static_cast<float *>(params[4]), d.bsz, d.n, d.c, d.heads);
 }
 
 // AttnRecomputeBwd(qkv, dout, scale (1), heads (1)) -> dqkv (B, N, 3C): the gradient of
@@ -946,17 +957,14 @@ int AttnBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char 
 // kSaved: the first input is AttnInferFwd's qkvb (bf16 already).
 template <bool kBf16, bool kSaved = kBf16>
 int AttnRecomputeBwd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  if (nparam != 5 || !DtypesAre(nparam, dtypes, kSaved ? "bffff" : "fffff") || ndims[0] != 3 || ndims[1] != 3 ||
-      ndims[4] != 3) return 1;
-  const int64_t bsz = shapes[0][0], n = shapes[0][1], c3 = shapes[0][2];
-  const int64_t heads = static_cast<int64_t>(*static_cast<const float *>(params[3]));
-  const int64_t c = c3 / 3;
-  if (c3 != 3 * c || heads <= 0 || c % heads != 0 || shapes[1][0] != bsz || shapes[1][1] != n ||
-      shapes[1][2] != c || shapes[4][0] != bsz || shapes[4][1] != n || shapes[4][2] != c3) return 2;
+  if (nparam != 5 || !DtypesAre(nparam, dtypes, kSaved ? "bffff" : "fffff") || ndims[0] != 3) return 1;
+  AttnDims d;
+  if (!AttnDimsOf(shapes[0], static_cast<int64_t>(*static_cast<const float *>(params[3])), &d) ||
+      !ShapeIs(ndims[1], shapes[1], {d.bsz, d.n, d.c}) || !ShapeIs(ndims[4], shapes[4], {d.bsz, d.n, d.c3})) return 2;
   GemmInput<kBf16> qkv_g;
-  return AttnBwdCore<kBf16>(SavedOr<kBf16, kSaved>(qkv_g, params[0], bsz * n * c3), nullptr,
+  return AttnBwdCore<kBf16>(SavedOr<kBf16, kSaved>(qkv_g, params[0], d.bsz * d.n * d.c3), nullptr,
                             static_cast<const float *>(params[1]), *static_cast<const float *>(params[2]),
-                            static_cast<float *>(params[4]), bsz, n, c, heads);
+                            static_cast<float *>(params[4]), d.bsz, d.n, d.c, d.heads);
 }
 
 extern "C" {
