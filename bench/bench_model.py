@@ -14,6 +14,9 @@ torch, ...) over ``--repeats`` rounds so both see the same background load; medi
     .venv/bin/python bench/bench_model.py --quick          # ViT-B/16 only, few steps (~15 min)
     .venv/bin/python bench/bench_model.py                  # ViT-B/16 and ViT-L/16 (~1.5 h on 2 cores)
 
+``--device gpu`` runs both sides on CUDA (float16 as each one's 'fast' precision, peak GPU memory);
+``--backends torch`` runs the original alone (a GPU machine without MindSpore's CUDA 11 stack).
+
 The table is printed and written to bench/RESULTS.md (``--out``). Data-pipeline images/s come
 from bench/bench_data.py's results file, bench/RESULTS_data.md, when it exists.
 """
@@ -85,8 +88,23 @@ def _peak_rss_gb():
 
 
 def worker_sgemm(cfg):
-    """Best-of GFLOP/s of a large fp32 matmul (numpy's BLAS and torch's)."""
+    """Best-of GFLOP/s of a large matmul: on the CPU fp32 through numpy's BLAS and torch's; on a GPU
+    (``device`` 'gpu') torch's fp32 (TF32 off, torch's default) and fp16 matmuls on CUDA, and the GPU's name."""
     import numpy as np
+    if cfg.get('device') == 'gpu':
+        import torch
+        n = cfg.get('n', 8192)
+        best = {'gpu_name': torch.cuda.get_device_name(0)}
+        for name, dt in (('torch_fp32', torch.float32), ('torch_fp16', torch.float16)):
+            a = torch.randn(n, n, device='cuda', dtype=dt)
+            b = torch.randn(n, n, device='cuda', dtype=dt)
+
+            def mm():
+                torch.matmul(a, b)
+                torch.cuda.synchronize()
+            _, times = _timed(mm, 10)
+            best[name] = 2 * n ** 3 / min(times) / 1e9
+        return best
     n = cfg.get('n', 4096)
     a = np.random.rand(n, n).astype(np.float32)
     b = np.random.rand(n, n).astype(np.float32)
@@ -128,7 +146,8 @@ def _timed(fn, steps):
 def worker_ms(cfg):
     import numpy as np
     import mindspore as ms
-    ms.set_device('CPU')
+    gpu = cfg.get('device') == 'gpu'
+    ms.set_device('GPU' if gpu else 'CPU')
     ms.set_context(mode=ms.PYNATIVE_MODE if cfg.get('ms_mode') == 'pynative' else ms.GRAPH_MODE)
     for k, v in cfg.get('ms_context', {}).items():  # experiments: e.g. {"memory_optimize_level": "O1"}
         ms.set_context(**{k: v})
@@ -169,20 +188,27 @@ def worker_ms(cfg):
         def step():
             return model(xt).asnumpy()
     first, times = _timed(step, cfg['steps'])
-    return {'first_s': first, 'times': times, 'peak_rss_gb': _peak_rss_gb()}
+    out = {'first_s': first, 'times': times, 'peak_rss_gb': _peak_rss_gb()}
+    if gpu:  # (asnumpy() above waited for the device)
+        out['peak_dev_gb'] = ms.runtime.max_memory_allocated() / 2 ** 30
+    return out
 
 
 def worker_torch(cfg):
     import torch
     from tests.original_reference import retfound_vit, lr_decay_param_groups
+    gpu = cfg.get('device') == 'gpu'
+    dev = 'cuda' if gpu else 'cpu'
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
     _, dim, depth, heads = MODELS[cfg['model']]
     model = retfound_vit(global_pool=True, img_size=IMG, patch_size=PATCH, embed_dim=dim, depth=depth,
-                         num_heads=heads, num_classes=NUM_CLASSES, drop_path_rate=DROP_PATH)
+                         num_heads=heads, num_classes=NUM_CLASSES, drop_path_rate=DROP_PATH).to(dev)
     x, y = _inputs(cfg['batch'])
-    x, y = torch.from_numpy(x), torch.from_numpy(y)
-    bf16 = cfg['precision'] == 'bf16'
+    x, y = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
+    # 'bf16': torch.autocast('cpu', bfloat16) on the CPU; 'fp16': the original's own
+    # torch.cuda.amp.autocast() (float16) with its GradScaler, on a GPU
+    amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(cfg['precision'])
     if cfg['task'] == 'train':
         model.train(True)
         groups = lr_decay_param_groups(model, WEIGHT_DECAY, model.no_weight_decay(), LAYER_DECAY)
@@ -192,28 +218,36 @@ def worker_torch(cfg):
         criterion = torch.nn.CrossEntropyLoss()
         clip = cfg.get('clip_grad')
         params = [p for p in model.parameters() if p.requires_grad]
+        # misc.NativeScalerWithGradNormCount: a GradScaler that is enabled only for CUDA fp16
+        scaler = torch.amp.GradScaler(dev, enabled=gpu and amp_dtype == torch.float16)
 
         def step():
-            # engine_finetune.py train_one_epoch + misc.NativeScalerWithGradNormCount on CPU (scaler
-            # disabled): forward, loss, backward, clip or grad norm, step, zero_grad.
-            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+            # engine_finetune.py train_one_epoch + NativeScalerWithGradNormCount: forward, loss,
+            # (scaled) backward, unscale, clip or grad norm, step, update, zero_grad.
+            with torch.autocast(dev, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 loss = criterion(model(x), y)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, clip)
             else:
                 torch.norm(torch.stack([torch.norm(p.grad.detach(), 2.0) for p in params]), 2.0)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             opt.zero_grad()
-            return loss.item()
+            return loss.item()  # (waits for the GPU)
     else:
         model.eval()
 
         def step():
-            with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
-                return model(x).float().numpy()
+            with torch.no_grad(), torch.autocast(dev, dtype=amp_dtype or torch.bfloat16,
+                                                 enabled=amp_dtype is not None):
+                return model(x).float().cpu().numpy()  # (waits for the GPU)
     first, times = _timed(step, cfg['steps'])
-    return {'first_s': first, 'times': times, 'peak_rss_gb': _peak_rss_gb()}
+    out = {'first_s': first, 'times': times, 'peak_rss_gb': _peak_rss_gb()}
+    if gpu:
+        out['peak_dev_gb'] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return out
 
 
 def run_worker(cfg):
@@ -307,18 +341,21 @@ def _fmt(v, f='{:.2f}'):
     return '—' if v is None else f.format(v)
 
 
-def summarise(results, peak_gflops):
+def summarise(results, peaks):
     """results: {(model, task, precision, batch): {'torch': [res...], 'ms-graph': [...], ...}} -> rows,
-    one per MindSpore mode, each against the same torch runs."""
+    one per MindSpore mode, each against the same torch runs (one row with mode '-' when only the
+    original ran). peaks: {'fp32': GFLOP/s, 'fast': GFLOP/s} the "% peak" of each precision is taken
+    against (on the CPU both are the fp32 sgemm peak)."""
     rows = []
     for (model, task, prec, batch), by_all in results.items():
         dim, depth = MODELS[model][1], MODELS[model][2]
         flops = vit_flops_per_image(dim, depth) * (3 if task == 'train' else 1)
-        for ms_key in sorted(k for k in by_all if k.startswith('ms-')):
-            by = {'ms': by_all[ms_key], 'torch': by_all.get('torch', [])}
+        peak_gflops = peaks.get('fp32' if prec == 'fp32' else 'fast')
+        ms_keys = sorted(k for k in by_all if k.startswith('ms-')) or ['ms--']
+        for ms_key in ms_keys:
+            by = {'ms': by_all.get(ms_key, []), 'torch': by_all.get('torch', [])}
             row = {'model': model, 'task': task, 'precision': prec, 'batch': batch, 'mode': ms_key[3:],
-                   'prec_names': (by['ms'][0].get('precision', ''),
-                                  by['torch'][0].get('precision', '') if by['torch'] else '')}
+                   'prec_names': tuple(by[be][0].get('precision', '') if by[be] else '—' for be in ('ms', 'torch'))}
             for be in ('ms', 'torch'):
                 runs = [r for r in by[be] if r.get('ok')]
                 if not runs:
@@ -327,29 +364,50 @@ def summarise(results, peak_gflops):
                     continue
                 step = statistics.median(statistics.median(r['times']) for r in runs)
                 ips = batch / step
+                # on a GPU the device's peak allocated memory, on the CPU the process's peak RSS
+                mem = max(r['peak_dev_gb'] if 'peak_dev_gb' in r else max(r['peak_rss_gb'], r['polled_rss_gb'])
+                          for r in runs)
                 row[be] = {'ips': ips, 'first_s': statistics.median(r['first_s'] for r in runs),
-                           'step_s': step, 'rss': max(max(r['peak_rss_gb'], r['polled_rss_gb']) for r in runs),
+                           'step_s': step, 'rss': mem,
                            'peak_frac': ips * flops / 1e9 / peak_gflops if peak_gflops else None,
                            'runs_ips': [batch / statistics.median(r['times']) for r in runs]}
             rows.append(row)
     return rows
 
 
+def peaks_of(sgemm):
+    """The "% peak" denominators: on a GPU fp32 rows against the fp32 matmul, 'fast' rows against
+    the fp16 one; on the CPU both against the best fp32 sgemm (as this table always did)."""
+    if 'torch_fp16' in sgemm:
+        return {'fp32': sgemm.get('torch_fp32'), 'fast': sgemm['torch_fp16']}
+    best = max((v for v in sgemm.values() if isinstance(v, (int, float))), default=None)
+    return {'fp32': best, 'fast': best}
+
+
 def render(rows, machine, sgemm, args, data_section, notes):
-    peak = max(sgemm.values()) if sgemm else None
+    gpu = 'torch_fp16' in sgemm
+    mem = 'peak GPU mem' if gpu else 'RSS'
+    where = (f"{sgemm.get('gpu_name', 'GPU')} (host: {machine['cpu']}, {machine['cores']} cores)" if gpu else
+             f"{machine['cpu']}, {machine['cores']} cores, {machine['ram_gb']:.1f} GiB RAM")
+    peak_line = (f"- Matmul peaks (8192^3 on the GPU through torch, best of 10): fp32 (TF32 off, torch's default) "
+                 f"{sgemm.get('torch_fp32', 0) / 1e3:.1f} TFLOP/s, fp16 {sgemm['torch_fp16'] / 1e3:.0f} TFLOP/s; "
+                 f"\"% peak\" of fp32 rows is against the first, of fast (fp16) rows against the second." if gpu else
+                 "- fp32 matmul peak (4096^3 sgemm, best of): " +
+                 ', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in sgemm.items()) + '.')
     lines = [f"# Model benchmark: MindSpore port vs PyTorch original (timm {args.timm_version})", '',
-             f"- Machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gb']:.1f} GiB RAM; "
+             f"- Machine: {where}; "
              f"date {machine['date']}; MindSpore {args.ms_version}, torch {args.torch_version}.",
-             f"- fp32 matmul peak (4096^3 sgemm, best of): " +
-             ', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in sgemm.items()) + '.',
+             peak_line,
              f"- Mode: {'--quick' if args.quick else 'full'}; {args.repeats} interleaved round(s); "
              f"{args.steps} timed steps after the first; load average during runs "
              f"{args.load_min:.1f}–{args.load_max:.1f} (>{machine['cores']} means other processes competed).",
              '- images/s = batch / median step time; "first" = first call (MindSpore: includes graph '
-             'compile); RSS = peak resident memory of that configuration\'s own process; '
-             '"% peak" = model GFLOP/s (fwd ≈ GEMM FLOPs, train = 3× fwd) / sgemm peak.', '']
+             'compile); ' + ('peak GPU mem = the framework\'s peak allocated device memory '
+                             '(torch.cuda.max_memory_allocated, mindspore.runtime.max_memory_allocated); '
+                             if gpu else 'RSS = peak resident memory of that configuration\'s own process; ') +
+             '"% peak" = model GFLOP/s (fwd ≈ GEMM FLOPs, train = 3× fwd) / matmul peak.', '']
     lines += ['| model | task | ours mode | prec (ours/orig) | batch | ours img/s | orig img/s | ratio | ours first (s) | '
-              'orig first (s) | ours RSS GB | orig RSS GB | RSS ratio | ours % peak | orig % peak |',
+              f'orig first (s) | ours {mem} GB | orig {mem} GB | {mem} ratio | ours % peak | orig % peak |',
               '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         o, t = r['ms'], r['torch']
@@ -357,7 +415,9 @@ def render(rows, machine, sgemm, args, data_section, notes):
             lines.append(f"| {r['model']} | {r['task']} | {r['mode']} | {'/'.join(r['prec_names'])} | {r['batch']} | "
                          f"{_fmt(o.get('ips'))} {o.get('error', '')} | {_fmt(t.get('ips'))} {t.get('error', '')} | "
                          f"— | {_fmt(o.get('first_s'), '{:.1f}')} | {_fmt(t.get('first_s'), '{:.1f}')} | "
-                         f"{_fmt(o.get('rss'), '{:.1f}')} | {_fmt(t.get('rss'), '{:.1f}')} | — | — | — |")
+                         f"{_fmt(o.get('rss'), '{:.1f}')} | {_fmt(t.get('rss'), '{:.1f}')} | — | "
+                         f"{_fmt(o.get('peak_frac') and 100 * o['peak_frac'], '{:.0f}%')} | "
+                         f"{_fmt(t.get('peak_frac') and 100 * t['peak_frac'], '{:.0f}%')} |")
             continue
         lines.append(f"| {r['model']} | {r['task']} | {r['mode']} | {'/'.join(r['prec_names'])} | {r['batch']} | {o['ips']:.2f} | "
                      f"{t['ips']:.2f} | **{o['ips'] / t['ips']:.2f}** | {o['first_s']:.1f} | {t['first_s']:.1f} | "
@@ -370,16 +430,27 @@ def render(rows, machine, sgemm, args, data_section, notes):
     return '\n'.join(lines) + '\n'
 
 
+def _version(name):
+    import importlib.metadata as md
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:  # e.g. no MindSpore on a GPU machine that runs --backends torch
+        return 'not installed'
+
+
 def measure(args, models):
     """Run every configuration in its own child process; fills args' version and load fields."""
-    import importlib.metadata as md
-    args.ms_version, args.torch_version, args.timm_version = (md.version(n) for n in ('mindspore', 'torch', 'timm'))
+    args.ms_version, args.torch_version, args.timm_version = (_version(n) for n in ('mindspore', 'torch', 'timm'))
     machine = machine_info()
     loads = [load_average()]
     print(f"machine: {machine}, load {loads[0]:.1f}", flush=True)
-    sg = run_child({'backend': 'sgemm', 'model': '-', 'task': '-', 'precision': 'fp32', 'batch': 0},
-                   300, args.mem_limit_gb)
-    sgemm = {k: v for k, v in sg.items() if k in ('numpy', 'torch')}
+    sg = run_child({'backend': 'sgemm', 'model': '-', 'task': '-', 'precision': 'fp32', 'batch': 0,
+                    'device': args.device}, 300, args.mem_limit_gb)
+    sgemm = {k: v for k, v in sg.items() if k in ('numpy', 'torch', 'torch_fp32', 'torch_fp16', 'gpu_name')}
+    # the 'fast' precision of each backend: on the CPU torch's bf16 autocast and our --ms_fast; on a
+    # GPU the original's float16 autocast + GradScaler and our float16 O2 + loss scaling
+    fast = {'torch': 'fp16', 'ms': 'fp16'} if args.device == 'gpu' else {'torch': 'bf16', 'ms': args.ms_fast}
+    backends = args.backends.split(',')
 
     configs = []
     for m in models:
@@ -392,11 +463,11 @@ def measure(args, models):
     for rnd in range(args.repeats):
         for i, (m, task, prec, batch) in enumerate(configs):
             order = ('torch', 'ms') if (rnd + i) % 2 == 0 else ('ms', 'torch')
-            for be in order:
-                precision = prec if prec == 'fp32' else ('bf16' if be == 'torch' else args.ms_fast)
+            for be in (b for b in order if b in backends):
+                precision = prec if prec == 'fp32' else fast[be]
                 key = (m, task, prec, batch)
                 cfg = {'backend': be, 'model': m, 'task': task, 'precision': precision, 'batch': batch,
-                       'steps': args.steps}
+                       'steps': args.steps, 'device': args.device}
                 for mode in (args.ms_modes.split(',') if be == 'ms' else ['-']):
                     if be == 'ms':
                         cfg['ms_mode'] = mode
@@ -409,7 +480,7 @@ def measure(args, models):
 
 
 RUN_FIELDS = ('quick', 'repeats', 'steps', 'ms_fast', 'load_min', 'load_max', 'ms_version', 'torch_version',
-              'timm_version')
+              'timm_version', 'device', 'backends')
 
 
 def load_json(args):
@@ -424,11 +495,10 @@ def load_json(args):
         for k, v in saved['run'].items():
             setattr(args, k, v)
     else:  # a file from before 'run' was saved: rounds and steps are the command line's
-        import importlib.metadata as md
         loads = [r['load'] for by in results.values() for runs in by.values() for r in runs if 'load' in r]
         args.load_min, args.load_max = (min(loads), max(loads)) if loads else (float('nan'),) * 2
         args.ms_version, args.torch_version, args.timm_version = (
-            md.version(n) for n in ('mindspore', 'torch', 'timm'))
+            _version(n) for n in ('mindspore', 'torch', 'timm'))
     return saved['machine'], saved['sgemm'], results
 
 
@@ -450,6 +520,12 @@ def main():
     p.add_argument('--tasks', default='train,eval')
     p.add_argument('--ms_modes', default='graph,pynative',
                    help='MindSpore execution modes to time (each against the same torch runs)')
+    p.add_argument('--device', default='cpu', choices=['cpu', 'gpu'],
+                   help="cpu (default), or gpu: both sides on CUDA (ours MindSpore device_target GPU), "
+                        "'fast' = float16 on both, memory = peak allocated GPU memory")
+    p.add_argument('--backends', default='torch,ms',
+                   help="which sides to run: 'torch,ms' (default), or one of them (e.g. 'torch' on a GPU "
+                        "machine without MindSpore's CUDA stack: the original's numbers and %% peak alone)")
     p.add_argument('--timeout', type=float, default=1500, help='seconds per configuration')
     p.add_argument('--mem_limit_gb', type=float, default=20.0)
     p.add_argument('--out', default=os.path.join(ROOT, 'bench', 'RESULTS.md'))
@@ -469,19 +545,25 @@ def main():
         machine, sgemm, results = load_json(args)
     else:
         machine, sgemm, results = measure(args, models)
-    peak = max(sgemm.values()) if sgemm else None
-    rows = summarise(results, peak)
+    rows = summarise(results, peaks_of(sgemm))
     ours_fast = ('`--cpu_bf16` (the GEMMs of the Linear layers and the attention core with bf16 inputs, fp32 '
                  'accumulation and outputs, through oneDNN; everything else fp32)' if args.ms_fast == 'cpu_bf16' else
                  'float16 `auto_mixed_precision(O2)` + dynamic loss scaling (2.10 has no CPU bf16 kernels)')
     notes = ['"fast" precision: torch = `torch.autocast("cpu", dtype=torch.bfloat16)` (the CPU has avx512_bf16); '
              f'MindSpore = {ours_fast}.']
+    if getattr(args, 'device', 'cpu') == 'gpu':
+        notes = ['"fast" precision on the GPU: torch = the original\'s `torch.cuda.amp.autocast()` (float16) with '
+                 'its GradScaler (`NativeScalerWithGradNormCount`); MindSpore = float16 `auto_mixed_precision(O2)` '
+                 '+ dynamic loss scaling (main\'s `--amp_level O2`). fp32 = no autocast (TF32 off for matmuls, '
+                 'torch\'s default).']
     if args.json:
         with open(args.json, 'w') as f:
             json.dump({'machine': machine, 'sgemm': sgemm,
                        'run': {k: getattr(args, k) for k in RUN_FIELDS},
                        'results': {'|'.join(map(str, k)): v for k, v in results.items()}}, f, indent=1)
-    table = render(rows, machine, sgemm, args, data_pipeline_section(), notes)
+    # the data pipeline is measured on the CPU by bench_data.py: its table belongs beside CPU runs only
+    data_section = data_pipeline_section() if getattr(args, 'device', 'cpu') == 'cpu' else []
+    table = render(rows, machine, sgemm, args, data_section, notes)
     print('\n' + table)
     with open(args.out, 'w') as f:
         f.write(table)

@@ -6,6 +6,7 @@ stand under the model table.
 """
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -35,7 +36,7 @@ def test_from_json_renders_ratios_of_the_saved_runs_and_the_data_table(tmp_path)
                     '| eval (resize+crop) | 2..3 |\n')
     out = tmp_path / 'RESULTS.md'
     rows = bench_model.summarise({('vit_base_patch16', 'eval', 'fp32', 16): saved['results']
-                                  ['vit_base_patch16|eval|fp32|16']}, 200.0)
+                                  ['vit_base_patch16|eval|fp32|16']}, {'fp32': 200.0, 'fast': 200.0})
     ours, orig = rows[0]['ms']['ips'], rows[0]['torch']['ips']
     assert abs(ours - 16 / 3.2) < 1e-9 and abs(orig - 16 / 4.1) < 1e-9  # medians of medians
     def render(*args):
@@ -63,3 +64,38 @@ def test_from_json_renders_ratios_of_the_saved_runs_and_the_data_table(tmp_path)
     assert section[0].startswith('## Data pipeline') and '| eval (resize+crop) | 2..3 |' in section
     assert not any(line.startswith('# ') for line in section)
     assert 'run `bench/bench_data.py`' in bench_model.data_pipeline_section(str(tmp_path / 'missing.md'))[0]
+
+
+def test_gpu_run_of_the_original_alone_renders_its_committed_table(tmp_path):
+    """bench/RESULTS_gpu_original_b16.json: the original alone on an H100 (``--device gpu --backends
+    torch``; MindSpore 2.10's CUDA 11 backend cannot run there). Re-rendered, it gives the committed
+    table; "% peak" of fp32 rows is against the fp32 matmul, of fp16 rows against the fp16 one; the
+    memory column is the GPU's peak allocation; our side reads "not run" with no ratio."""
+    js = os.path.join(ROOT, 'bench', 'RESULTS_gpu_original_b16.json')
+    out = tmp_path / 'gpu.md'
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'bench_model.py'), '--from_json', js,
+                           '--out', str(out)], capture_output=True, text=True, cwd=str(tmp_path), timeout=120,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text()
+    with open(os.path.join(ROOT, 'bench', 'RESULTS_gpu_original_b16.md'), encoding='utf-8') as f:
+        assert text == f.read()
+    with open(js) as f:
+        saved = json.load(f)
+    assert 'Data pipeline' not in text  # measured on the CPU, not beside a GPU run
+    for key, by in saved['results'].items():
+        model, task, prec, batch = key.split('|')
+        runs = by['torch']
+        assert len(runs) == 1  # one round: images/s = batch / the median of its timed steps
+        step = statistics.median(runs[0]['times'])
+        ips = int(batch) / step
+        dim, depth = bench_model.MODELS[model][1:3]
+        flops = bench_model.vit_flops_per_image(dim, depth) * (3 if task == 'train' else 1)
+        peak = saved['sgemm']['torch_fp32' if prec == 'fp32' else 'torch_fp16']
+        row = next(line for line in text.splitlines()
+                   if line.startswith(f'| {model} | {task} | - | —/{runs[0]["precision"]} | {batch} |'))
+        cells = [c.strip() for c in row.strip('|').split('|')]
+        assert cells[5] == '— not run' and cells[7] == '—'
+        assert cells[6] == f'{ips:.2f}'
+        assert cells[11] == f"{runs[0]['peak_dev_gb']:.1f}"
+        assert cells[14] == f'{100 * ips * flops / 1e9 / peak:.0f}%'
