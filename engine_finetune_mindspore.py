@@ -14,6 +14,7 @@ import mindspore as ms
 from mindspore import nn, ops, Tensor
 
 import util_mindspore.lr_sched as lr_sched
+from util_mindspore import cpu_kernels
 import util_mindspore.misc as misc
 from util_mindspore.metrics import compute_metrics, write_metrics_csv, save_confusion_matrix, save_roc_curves
 from util_mindspore.optim import clip_grad_norm, all_finite
@@ -259,17 +260,19 @@ def predict(model, data_loader, batch_size, log_header='', print_freq=10, metric
     model.set_train(False)
     labels, probs, sample_losses = [], [], []
     metric_logger = metric_logger or misc.MetricLogger(delimiter="  ")
-    for images, target in metric_logger.log_every(data_loader, print_freq, log_header):
-        n = images.shape[0]
-        if n < batch_size:
-            pad = np.zeros((batch_size - n,) + images.shape[1:], dtype=np.float32)
-            images = np.concatenate([images, pad], axis=0)
-        logits = model(Tensor(np.ascontiguousarray(images, dtype=np.float32))).asnumpy()[:n]
-        target = np.asarray(target).astype(np.int64)
-        sample_losses.append(_cross_entropy(logits, target, reduce=False))
-        metric_logger.update(loss=float(sample_losses[-1].mean()))
-        labels.append(target)
-        probs.append(_softmax(logits.astype(np.float32)))
+    # no weight changes in here: --cpu_bf16 Linear layers pack their bf16 weights once (cpu_kernels)
+    with cpu_kernels.frozen_weights():
+        for images, target in metric_logger.log_every(data_loader, print_freq, log_header):
+            n = images.shape[0]
+            if n < batch_size:
+                pad = np.zeros((batch_size - n,) + images.shape[1:], dtype=np.float32)
+                images = np.concatenate([images, pad], axis=0)
+            logits = model(Tensor(np.ascontiguousarray(images, dtype=np.float32))).asnumpy()[:n]
+            target = np.asarray(target).astype(np.int64)
+            sample_losses.append(_cross_entropy(logits, target, reduce=False))
+            metric_logger.update(loss=float(sample_losses[-1].mean()))
+            labels.append(target)
+            probs.append(_softmax(logits.astype(np.float32)))
     if not labels:
         raise RuntimeError(f"{log_header} the data loader produced no batches")
     if return_sample_losses:

@@ -220,6 +220,90 @@ def test_bf16_linear_is_bf16_inputs_with_fp32_accumulation(mode, save):
     assert np.max(np.abs(y - (x.astype(np.float64) @ w.T + b))) > 1e-4
 
 
+class _Dense(nn.Cell):
+    """y = linear_op(x, weight, bias) with weight and bias as Parameters (as in the model)."""
+
+    def __init__(self, w, b, save):
+        super().__init__()
+        self.op = K.linear_op(bf16=True, save_bf16=save)
+        self.save = save
+        self.weight = ms.Parameter(ms.Tensor(w), name='weight')
+        self.bias = ms.Parameter(ms.Tensor(b), name='bias')
+
+    def construct(self, x):
+        if self.save:
+            return self.op(x, self.weight, self.bias)[0]
+        return self.op(x, self.weight, self.bias)
+
+
+class _Assign(nn.Cell):
+    """param <- value in place (what an optimizer step does to a weight's memory)."""
+
+    def __init__(self, param):
+        super().__init__()
+        self.param = param
+
+    def construct(self, value):
+        return ops.assign(self.param, value)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("save", [True, False], ids=["saves_xb", "no_save"])
+def test_frozen_weights_pack_each_bf16_weight_once_with_the_same_values(mode, save, monkeypatch):
+    """Inside frozen_weights() (evaluation) the bf16 Linear forward packs its weight once for
+    oneDNN's matmul primitive and reuses it: bf16 inputs, fp32 accumulation and bias, as the GEMM
+    path; a weight changed inside the block is packed again; leaving the block frees the copies."""
+    if not K.linear_available(bf16=True):
+        pytest.skip(K.status())
+    monkeypatch.setitem(K._state, 'bf16_matmul', True)
+    rs = np.random.RandomState(11)
+    k, n = 96, 70
+    w = (rs.standard_normal((n, k)) * 0.1).astype(np.float32)
+    w2 = (rs.standard_normal((n, k)) * 0.1).astype(np.float32)
+    b = rs.standard_normal(n).astype(np.float32)
+    xs = [rs.standard_normal(shape).astype(np.float32) for shape in ((37, k), (2, 197, k), (37, k))]
+    with ms_mode(mode):
+        net = _Dense(w, b, save)
+        outside = [net(ms.Tensor(x)).asnumpy() for x in xs[:1]]
+        s0 = K.weight_cache_stats()
+        with K.frozen_weights():
+            with K.frozen_weights():  # nested blocks: the outermost one decides
+                ys = [net(ms.Tensor(x)).asnumpy() for x in xs]
+            s1 = K.weight_cache_stats()
+            _Assign(net.weight)(ms.Tensor(w2))  # changed in place inside the block: packed again
+            y2 = net(ms.Tensor(xs[0])).asnumpy()
+            s2 = K.weight_cache_stats()
+        s3 = K.weight_cache_stats()
+        net(ms.Tensor(xs[0])).asnumpy()
+        s4 = K.weight_cache_stats()
+    for x, y in zip(xs, ys):
+        _close(y, _bf16(x) @ _bf16(w).T + b, 1e-6, f'y {x.shape}')
+    _close(y2, _bf16(xs[0]) @ _bf16(w2).T + b, 1e-6, 'y after the weight changed')
+    _close(ys[0], outside[0], 1e-6, 'packed vs GEMM path')
+    assert s1['calls'] - s0['calls'] == 3 and s1['packs'] - s0['packs'] == 1  # three forwards, one pack
+    assert s1['weights'] == 1 and s1['bytes'] >= 2 * n * k
+    # same memory, new values: the fingerprint notices, and the copy is replaced
+    assert s2["packs"] - s1["packs"] == 1 and s2["weights"] == 1
+    assert s3['weights'] == 0 and s3['bytes'] == 0  # freed on leaving the block
+    assert s4['calls'] == s3['calls']  # outside a block the GEMM path runs
+
+
+def test_frozen_weights_is_a_no_op_in_fp32(monkeypatch):
+    if not K.linear_available():
+        pytest.skip(K.status())
+    monkeypatch.setitem(K._state, 'bf16_matmul', False)
+    rs = np.random.RandomState(12)
+    x = rs.standard_normal((5, 33)).astype(np.float32)
+    w = rs.standard_normal((20, 33)).astype(np.float32)
+    b = rs.standard_normal(20).astype(np.float32)
+    op = _Apply(K.linear_op())
+    s0 = K.weight_cache_stats()
+    with K.frozen_weights():
+        y = op(ms.Tensor(x), ms.Tensor(w), ms.Tensor(b)).asnumpy()
+    assert K.weight_cache_stats() == s0
+    _close(y, x.astype(np.float64) @ w.T + b, 2e-6, 'y')
+
+
 @pytest.mark.torch
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("b,n,heads,hd", [(2, 197, 3, 16), (3, 5, 2, 8)], ids=["2x197_3heads", "3x5_2heads"])

@@ -109,11 +109,26 @@ def test_cpu_bf16_logits_track_torch_bf16_autocast(mode, monkeypatch):
         m16.set_train(False)
         out32 = m32(ms.Tensor(x.numpy())).asnumpy()
         out16 = m16(ms.Tensor(x.numpy())).asnumpy()
+        # evaluation (engine predict) holds frozen_weights(): the Linear layers pack their bf16
+        # weights once and reuse them; the values are the same up to summation order
+        before = cpu_kernels.weight_cache_stats()
+        with cpu_kernels.frozen_weights():
+            frozen = [m16(ms.Tensor(x.numpy())).asnumpy() for _ in range(2)]
+            held = cpu_kernels.weight_cache_stats()
+        after = cpu_kernels.weight_cache_stats()
     scale = float(np.max(np.abs(ref32)))
     assert _max_abs(out32, ref32) <= 1e-5
     assert 1e-4 * scale < _max_abs(out16, ref32) <= 1e-2 * scale  # really bf16, and only that far
     assert _max_abs(out16, ref16) <= 1e-2 * scale
     assert _max_abs(ref16, ref32) > 1e-4 * scale
+    n_linear = 4 * TINY['depth'] + 2  # qkv, proj, fc1, fc2 per block; the patch embedding; the head
+    assert held['calls'] - before['calls'] == 2 * n_linear
+    assert held['weights'] >= n_linear and held['bytes'] > 0
+    assert n_linear <= held['packs'] - before['packs'] <= n_linear + 1  # once each (the patch kernel is
+    assert after['weights'] == 0 and after['bytes'] == 0                # computed: a new address maybe)
+    for out in frozen:
+        assert _max_abs(out, out16) <= 1e-3 * scale
+        assert _max_abs(out, ref16) <= 1e-2 * scale
 
 
 class _WeightedSum(nn.Cell):

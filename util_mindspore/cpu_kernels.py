@@ -14,6 +14,7 @@
 # Without a compiler, or with RETFOUND_CPU_KERNELS=0, or off CPU, or for non-fp32 tensors, the
 # model uses MindSpore's own operators: same results to rounding, only slower.
 # --------------------------------------------------------
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -29,7 +30,8 @@ from mindspore import ops, Tensor
 
 __all__ = ['enabled', 'library_path', 'status', 'layer_norm_op', 'bias_add_op', 'bias_gelu_op',
            'gelu_op', 'softmax_op', 'qkv_split_op', 'attention_op', 'attention_recompute_op', 'linear_op', 'row_scale_op', 'add_row_scale_op', 'linear_available', 'set_bf16_matmul',
-           'bf16_matmul', 'save_bf16_inputs', 'cpu_has_bf16', 'ENV_SWITCH', 'ENV_CACHE']
+           'bf16_matmul', 'save_bf16_inputs', 'cpu_has_bf16', 'frozen_weights', 'weight_cache_stats',
+           'ENV_SWITCH', 'ENV_CACHE']
 
 ENV_SWITCH = 'RETFOUND_CPU_KERNELS'   # '0' / 'off' / 'false': never use the fused kernels
 ENV_CACHE = 'RETFOUND_KERNEL_CACHE'   # where the compiled library is kept
@@ -150,6 +152,10 @@ def status():
         return f'fused CPU kernels: unavailable ({_state["error"]})'
     gemm = {3: 'oneDNN fp32+bf16', 1: 'oneDNN fp32', 2: 'oneDNN bf16', 0: 'MindSpore MatMul'}[_gemm_bits()]
     precision = 'bf16 inputs, fp32 accumulation' if bf16_matmul() else 'fp32'
+    if bf16_matmul():
+        packed = _lib().RfPackedMatmulAvailable()
+        precision += ('; evaluation: bf16 weights packed once (oneDNN matmul)' if packed else
+                      '; evaluation: GEMM path (oneDNN matmul primitive not found)')
     return f'fused CPU kernels: on ({path}); Linear GEMMs: {gemm}, {precision}'
 
 
@@ -164,6 +170,53 @@ def _gemm_bits():
             except (OSError, AttributeError):
                 _state['gemm'] = 0
     return _state['gemm']
+
+
+def _lib():
+    """The kernel library through ctypes: the same file MindSpore loads for the operators, so the
+    same instance in the process (its switches and counters are the operators' own)."""
+    path = library_path()
+    return ctypes.CDLL(path) if path is not None else None
+
+
+_frozen = {'depth': 0}
+
+
+@contextlib.contextmanager
+def frozen_weights():
+    """Declare that no weight changes inside this block (evaluation); engine ``predict`` holds it.
+
+    bf16 Linear forwards (``--cpu_bf16``) then round and pack each weight once, into the blocked
+    layout of oneDNN's matmul primitive, and reuse it on every later batch, instead of rounding
+    and packing it on each call; the primitive also adds the bias. The values are those of the
+    GEMM path except for the summation order inside the GEMM. The packed copies (2 bytes per
+    weight) are freed when the outermost block exits. Each use checks the weight's fingerprint
+    (shape and 64 sampled values): a weight changed inside the block is packed again.
+    A no-op without the fused kernels, off CPU, or in fp32."""
+    frozen, lib = _frozen, None  # (locals: a block left open at interpreter exit still closes)
+    if frozen['depth'] == 0 and bf16_matmul() and enabled():
+        lib = _lib()
+        if lib is not None and not lib.RfPackedMatmulAvailable():
+            lib = None
+    frozen['depth'] += 1
+    if lib is not None:
+        lib.RfSetWeightCache(1)
+    try:
+        yield
+    finally:
+        frozen['depth'] -= 1
+        if lib is not None:
+            lib.RfSetWeightCache(0)
+
+
+def weight_cache_stats():
+    """{'weights', 'bytes', 'packs', 'calls'}: packed weights held now and their bytes, packs made
+    and bf16 Linear forwards that took the packed path, since the library was loaded (None without it)."""
+    if not enabled():
+        return None
+    lib = _lib()
+    lib.RfWeightCacheStat.restype = ctypes.c_int64
+    return {name: int(lib.RfWeightCacheStat(i)) for i, name in enumerate(('weights', 'bytes', 'packs', 'calls'))}
 
 
 def linear_available(bf16=False):
