@@ -632,9 +632,10 @@ struct Prim {
   ~Prim() {
     if (prim != nullptr) GetMatmul().primitive_destroy(prim);
   }
-  // Made from the primitive descriptor `create` makes with a user-scratchpad attribute; false on failure.
-  template <typename Create>
-  bool Make(Create create) {
+  // Made from the primitive descriptor `create` makes with a user-scratchpad attribute, which
+  // `inspect` may query before it is destroyed; false on failure.
+  template <typename Create, typename Inspect>
+  bool Make(Create create, Inspect inspect) {
     const DnnlMatmul &api = GetMatmul();
     dnnl_c::Handle attr = nullptr, pd = nullptr, smd = nullptr;
     if (api.attr_create(&attr) != 0) return false;
@@ -647,11 +648,10 @@ struct Prim {
       scratch_bytes = api.md_get_size(smd);
       ok = api.primitive_create(&prim, pd) == 0;
     }
-    OnPd(pd);
+    if (ok) ok = inspect(pd);
     api.pd_destroy(pd);
     return ok;
   }
-  std::function<void(dnnl_c::Handle)> OnPd = [](dnnl_c::Handle) {};
   // Executes with args + this thread's scratchpad, then waits.
   int Execute(std::vector<dnnl_c::ExecArg> args) const;
 };
@@ -719,16 +719,17 @@ const MatmulPrim *GetMatmulPrim(int64_t rows, int64_t k, int64_t n) {
   if (!p->src || !p->bias || !p->dst || api.md_create_with_tag(&wany, 2, wdims, dnnl_c::kBf16, dnnl_c::kTagAny) != 0)
     return nullptr;
   Md wany_owned(wany);
-  MatmulPrim *raw = p.get();
-  p->p.OnPd = [raw](dnnl_c::Handle pd) {
-    dnnl_c::Handle packed = nullptr;
-    if (GetMatmul().md_clone(&packed, GetMatmul().pd_query_md(pd, dnnl_c::kQueryWeightsMd, 0)) == 0)
-      raw->wmd = std::make_unique<Md>(packed);
-  };
-  const bool made = p->p.Make([&](dnnl_c::Handle *pd, dnnl_c::Handle attr) {
-    return api.matmul_pd_create(pd, api.engine, p->src->get(), wany, p->bias->get(), p->dst->get(), attr);
-  });
-  if (!made || !p->wmd) return nullptr;
+  const bool made = p->p.Make(
+      [&](dnnl_c::Handle *pd, dnnl_c::Handle attr) {
+        return api.matmul_pd_create(pd, api.engine, p->src->get(), wany, p->bias->get(), p->dst->get(), attr);
+      },
+      [&](dnnl_c::Handle pd) {  // the packed weights layout the primitive chose
+        dnnl_c::Handle packed = nullptr;
+        if (api.md_clone(&packed, api.pd_query_md(pd, dnnl_c::kQueryWeightsMd, 0)) != 0) return false;
+        p->wmd = std::make_unique<Md>(packed);
+        return true;
+      });
+  if (!made) return nullptr;
   prims.emplace_back(key, std::move(p));
   return prims.back().second.get();
 }
@@ -819,9 +820,11 @@ class WeightCache {
     auto plain = Md::Plain(k, n, dnnl_c::kBf16, 1, k);  // W^T (K, N) viewed in W's (N, K) row-major memory
     if (!plain) return nullptr;
     Prim reorder;
-    if (!reorder.Make([&](dnnl_c::Handle *pd, dnnl_c::Handle attr) {
-          return api.reorder_pd_create(pd, plain->get(), api.engine, md.get(), api.engine, attr);
-        }))
+    if (!reorder.Make(
+            [&](dnnl_c::Handle *pd, dnnl_c::Handle attr) {
+              return api.reorder_pd_create(pd, plain->get(), api.engine, md.get(), api.engine, attr);
+            },
+            [](dnnl_c::Handle) { return true; }))
       return nullptr;
     dnnl_c::Handle from = nullptr, to = nullptr;
     int s = api.memory_create(&from, plain->get(), api.engine, wb.data());
