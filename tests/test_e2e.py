@@ -303,6 +303,7 @@ def test_cpu_bf16_trains_and_evaluates(data, tmp_path):
                        "--output_dir", str(out)], cwd=str(tmp_path))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Linear GEMMs: oneDNN fp32+bf16, bf16 inputs, fp32 accumulation" in r.stdout
+    assert "evaluation: bf16 weights packed once (oneDNN matmul)" in r.stdout  # the epoch's evaluate()
     log = [json.loads(line) for line in open(out / "bf16" / "log.txt")]
     assert np.isfinite(log[0]["train_loss"])
     r2 = _run(COMMON + ["--data_path", str(data / "data"), "--task", "bf16_eval", "--eval", "--output_dir",
