@@ -162,13 +162,12 @@ def status():
 def _gemm_bits():
     """Which oneDNN GEMMs the library found in the process: bit 0 fp32, bit 1 bf16."""
     if _state['gemm'] is None:
-        path = library_path()
         _state['gemm'] = 0
-        if path is not None:
-            try:  # the same file MindSpore loads for the operators: one instance in the process
-                _state['gemm'] = int(ctypes.CDLL(path).RfGemmAvailable())
-            except (OSError, AttributeError):
-                _state['gemm'] = 0
+        try:
+            lib = _lib()
+            _state['gemm'] = int(lib.RfGemmAvailable()) if lib is not None else 0
+        except (OSError, AttributeError):
+            _state['gemm'] = 0
     return _state['gemm']
 
 
@@ -211,7 +210,7 @@ def frozen_weights():
 
 def weight_cache_stats():
     """{'weights', 'bytes', 'packs', 'calls'}: packed weights held now and their bytes, packs made
-    and bf16 Linear forwards that took the packed path, since the library was loaded (None without it)."""
+    and bf16 Linear forwards that tried the packed path, since the library was loaded (None without it)."""
     if not enabled():
         return None
     lib = _lib()
