@@ -778,11 +778,16 @@ class WeightCache {
     std::lock_guard<std::mutex> lock(mu_);
     ++packs_;
     if (!active_.load()) return packed;  // switched off meanwhile: use it once, keep nothing
-    // A weight computed inside the graph (the patch embedding's reshaped kernel) comes at a new
-    // address on each forward: drop entries unused for two rounds of every entry held.
+    // Replaced: this weight's copy in the same layout (stale). Kept: its copies in other layouts
+    // (row blocks of other sizes may choose another). Dropped: entries unused for two rounds of
+    // every entry held (a weight computed inside the graph, the patch embedding's reshaped kernel,
+    // comes at a new address on some forwards).
     const uint64_t horizon = 2 * entries_.size() + 8;
     entries_.erase(std::remove_if(entries_.begin(), entries_.end(),
-                                  [&](const Entry &e) { return e.w == w || tick_ - e.last > horizon; }),
+                                  [&](const Entry &e) {
+                                    return (e.w == w && GetMatmul().md_equal(e.packed->md->get(), md.get())) ||
+                                           tick_ - e.last > horizon;
+                                  }),
                    entries_.end());
     entries_.push_back({w, tick_, packed});
     return packed;
