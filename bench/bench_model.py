@@ -552,9 +552,10 @@ def main():
     ours_fast = ('`--cpu_bf16` (the GEMMs of the Linear layers and the attention core with bf16 inputs, fp32 '
                  'accumulation and outputs, through oneDNN; everything else fp32)' if args.ms_fast == 'cpu_bf16' else
                  'float16 `auto_mixed_precision(O2)` + dynamic loss scaling (2.10 has no CPU bf16 kernels)')
-    notes = ['"fast" precision: torch = `torch.autocast("cpu", dtype=torch.bfloat16)` (the CPU has avx512_bf16); '
-             f'MindSpore = {ours_fast}.']
-    if getattr(args, 'device', 'cpu') == 'gpu':
+    if args.device == 'cpu':
+        notes = ['"fast" precision: torch = `torch.autocast("cpu", dtype=torch.bfloat16)` (the CPU has avx512_bf16); '
+                 f'MindSpore = {ours_fast}.']
+    else:
         notes = ['"fast" precision on the GPU: torch = the original\'s `torch.cuda.amp.autocast()` (float16) with '
                  'its GradScaler (`NativeScalerWithGradNormCount`); MindSpore = float16 `auto_mixed_precision(O2)` '
                  '+ dynamic loss scaling (main\'s `--amp_level O2`). fp32 = no autocast (TF32 off for matmuls, '
@@ -565,7 +566,7 @@ def main():
                        'run': {k: getattr(args, k) for k in RUN_FIELDS},
                        'results': {'|'.join(map(str, k)): v for k, v in results.items()}}, f, indent=1)
     # the data pipeline is measured on the CPU by bench_data.py: its table belongs beside CPU runs only
-    data_section = data_pipeline_section() if getattr(args, 'device', 'cpu') == 'cpu' else []
+    data_section = data_pipeline_section() if args.device == 'cpu' else []
     table = render(rows, machine, sgemm, args, data_section, notes)
     print('\n' + table)
     with open(args.out, 'w') as f:

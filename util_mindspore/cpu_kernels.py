@@ -40,7 +40,7 @@ FLAGS = ('-std=c++17', '-O3', '-march=native', '-fopenmp-simd', '-pthread', '-sh
 LIB_NAME = 'libretfound_cpu_kernels.so'
 
 _lock = threading.Lock()
-_state = {'path': None, 'error': None, 'tried': False, 'gemm': None, 'bf16_matmul': False}
+_state = {'path': None, 'error': None, 'tried': False, 'gemm': None, 'bf16_matmul': False, 'lib': None}
 
 
 def _switched_off():
@@ -174,8 +174,12 @@ def _gemm_bits():
 def _lib():
     """The kernel library through ctypes: the same file MindSpore loads for the operators, so the
     same instance in the process (its switches and counters are the operators' own)."""
-    path = library_path()
-    return ctypes.CDLL(path) if path is not None else None
+    if _state['lib'] is None:
+        path = library_path()
+        if path is not None:
+            _state['lib'] = ctypes.CDLL(path)
+            _state['lib'].RfWeightCacheStat.restype = ctypes.c_int64
+    return _state['lib']
 
 
 _frozen = {'depth': 0}
@@ -214,7 +218,6 @@ def weight_cache_stats():
     if not enabled():
         return None
     lib = _lib()
-    lib.RfWeightCacheStat.restype = ctypes.c_int64
     return {name: int(lib.RfWeightCacheStat(i)) for i, name in enumerate(('weights', 'bytes', 'packs', 'calls'))}
 
 

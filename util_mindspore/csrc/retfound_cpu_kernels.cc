@@ -609,7 +609,8 @@ class Md {
   }
   Md(const Md &) = delete;
   Md &operator=(const Md &) = delete;
-  // A row-major (rows, cols) matrix of dtype with row stride ld (cols, or 1 for a transposed view).
+  // A (rows, cols) matrix of dtype with the given element strides ((cols, 1) row-major; (1, rows)
+  // for the transposed view of a row-major (cols, rows) matrix).
   static std::unique_ptr<Md> Plain(int64_t rows, int64_t cols, int dtype, int64_t row_stride, int64_t col_stride) {
     const int64_t dims[2] = {rows, cols}, strides[2] = {row_stride, col_stride};
     dnnl_c::Handle h = nullptr;
@@ -766,9 +767,9 @@ class WeightCache {
     if (!on) entries_.clear();  // in-flight users hold their own shared_ptr
     return was;
   }
-  // The packed copy of w in layout `md` (packing it when missing, stale or in another layout).
-  std::shared_ptr<const PackedWeight> Find(const float *w, int64_t n, int64_t k, const Md &md) {
-    const uint64_t fp = Fingerprint(w, n, k);
+  // The packed copy of w (fingerprint fp) in layout `md` (packing it when missing, stale or in
+  // another layout).
+  std::shared_ptr<const PackedWeight> Find(const float *w, uint64_t fp, int64_t n, int64_t k, const Md &md) {
     if (auto hit = Lookup(w, fp, n, k, md)) return hit;
     std::lock_guard<std::mutex> packing(pack_mu_);  // one thread packs, the others then find it
     if (auto hit = Lookup(w, fp, n, k, md)) return hit;
@@ -820,8 +821,8 @@ class WeightCache {
     const size_t bytes = api.md_get_size(md.get());
     p->data.reset(static_cast<uint8_t *>(std::aligned_alloc(64, (bytes + 63) / 64 * 64)));
     if (p->data == nullptr) return nullptr;
-    std::vector<uint16_t> wb(static_cast<size_t>(n * k));
-    ToBf16Into(w, wb.data(), n * k);
+    Bf16Lease lease;
+    const uint16_t *wb = lease.Convert(w, n * k);
     auto plain = Md::Plain(k, n, dnnl_c::kBf16, 1, k);  // W^T (K, N) viewed in W's (N, K) row-major memory
     if (!plain) return nullptr;
     Prim reorder;
@@ -832,7 +833,7 @@ class WeightCache {
             [](dnnl_c::Handle) { return true; }))
       return nullptr;
     dnnl_c::Handle from = nullptr, to = nullptr;
-    int s = api.memory_create(&from, plain->get(), api.engine, wb.data());
+    int s = api.memory_create(&from, plain->get(), api.engine, const_cast<uint16_t *>(wb));
     if (s == 0) s = api.memory_create(&to, md.get(), api.engine, p->data.get());
     if (s == 0) s = reorder.Execute({{dnnl_c::kArgFrom, from}, {dnnl_c::kArgTo, to}});
     if (from != nullptr) api.memory_destroy(from);
@@ -871,10 +872,11 @@ int LinearPacked(const uint16_t *xb, const float *w, const float *b, float *y, i
   const DnnlMatmul &api = GetMatmul();
   if (!api.ok) return 1;
   WeightCache::Get().CountCall();
+  const uint64_t fp = Fingerprint(w, n, k);
   return ParallelStatus(m, 64, [&](int64_t lo, int64_t hi) {
     const MatmulPrim *prim = GetMatmulPrim(hi - lo, k, n);
     if (prim == nullptr) return 1;
-    const std::shared_ptr<const PackedWeight> pw = WeightCache::Get().Find(w, n, k, *prim->wmd);
+    const std::shared_ptr<const PackedWeight> pw = WeightCache::Get().Find(w, fp, n, k, *prim->wmd);
     if (!pw) return 1;
     dnnl_c::Handle mem[4] = {nullptr, nullptr, nullptr, nullptr};
     int s = api.memory_create(&mem[0], prim->src->get(), api.engine, const_cast<uint16_t *>(xb + lo * k));
