@@ -5,6 +5,7 @@ x + b, F.gelu, softmax, timm's q/k/v reshape-permute-unbind) on the same inputs,
 PyNative mode, including sizes that are not multiples of the vector width. The library build,
 its cache, and the fallback when no compiler is available are exercised for real (g++).
 """
+import math
 import os
 import shutil
 import subprocess
@@ -445,6 +446,7 @@ _CHILD = textwrap.dedent('''
     from util_mindspore import cpu_kernels as K
     print(K.status())
     if K.enabled():
+        print("spin_us", K.pool_spin_us())
         rs = np.random.RandomState(0)
         x = ms.Tensor(rs.standard_normal((64, 197, 200)).astype(np.float32))
         b = ms.Tensor(rs.standard_normal(200).astype(np.float32))
@@ -475,11 +477,45 @@ def test_results_do_not_depend_on_thread_count_and_cache_is_reused(tmp_path):
     built = list(cache.rglob(K.LIB_NAME))
     assert len(built) == 1
     mtime = built[0].stat().st_mtime_ns
-    three = _child(tmp_path, {K.ENV_CACHE: str(cache), 'RETFOUND_KERNEL_THREADS': '3'}, 'three.npy')
+    three = _child(tmp_path, {K.ENV_CACHE: str(cache), 'RETFOUND_KERNEL_THREADS': '3', K.ENV_SPIN: '0'}, 'three.npy')
     assert 'fused' in three.stdout
+    assert 'spin_us 300' in one.stdout and 'spin_us 0' in three.stdout  # the default, and the variable
     assert list(cache.rglob(K.LIB_NAME)) == built and built[0].stat().st_mtime_ns == mtime  # not rebuilt
     assert not [p for p in cache.rglob('*') if p.name.startswith('.build-')]  # no temporaries left
     np.testing.assert_array_equal(np.load(tmp_path / 'one.npy'), np.load(tmp_path / 'three.npy'))
+
+
+def test_pool_polling_changes_no_result():
+    """The worker threads poll RETFOUND_KERNEL_SPIN_US microseconds before blocking: calls that
+    find them polling and calls that wake them give the same values, on many back-to-back calls of
+    changing sizes (some too small to be split, some split over every thread)."""
+    if not K.enabled():
+        pytest.skip(K.status())
+    rs = np.random.RandomState(5)
+    xs = [rs.standard_normal((rows, 96)).astype(np.float32) for rows in (1, 3, 64, 500, 2, 1000)]
+    b = rs.standard_normal(96).astype(np.float32)
+    gelu, softmax = K.bias_gelu_op(), K.softmax_op()
+    with ms_mode(ms.PYNATIVE_MODE):
+        before = K.pool_spin_us()
+        try:
+            assert K.pool_spin_us(0) == before
+            assert K.pool_spin_us(10 ** 9) == 0 and K.pool_spin_us() == 100000  # clamped to 0.1 s
+            results = {}
+            for spin in (0, 300, 0, 100000):
+                K.pool_spin_us(spin)
+                for _ in range(3):
+                    for i, x in enumerate(xs):
+                        got = (gelu(ms.Tensor(x), ms.Tensor(b)).asnumpy(), softmax(ms.Tensor(x)).asnumpy())
+                        if i in results:
+                            np.testing.assert_array_equal(got[0], results[i][0])
+                            np.testing.assert_array_equal(got[1], results[i][1])
+                        else:
+                            results[i] = got
+            x = xs[-1].astype(np.float64) + b
+            ref = 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+            np.testing.assert_allclose(results[len(xs) - 1][0], ref, rtol=1e-5, atol=1e-6)
+        finally:
+            K.pool_spin_us(before)
 
 
 _PORTABLE_CHILD = textwrap.dedent('''

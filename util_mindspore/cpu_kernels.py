@@ -30,11 +30,12 @@ from mindspore import ops, Tensor
 
 __all__ = ['enabled', 'library_path', 'status', 'layer_norm_op', 'bias_add_op', 'bias_gelu_op',
            'gelu_op', 'softmax_op', 'qkv_split_op', 'attention_op', 'attention_recompute_op', 'linear_op', 'row_scale_op', 'add_row_scale_op', 'linear_available', 'set_bf16_matmul',
-           'bf16_matmul', 'save_bf16_inputs', 'cpu_has_bf16', 'frozen_weights', 'weight_cache_stats',
-           'ENV_SWITCH', 'ENV_CACHE']
+           'bf16_matmul', 'save_bf16_inputs', 'cpu_has_bf16', 'frozen_weights', 'weight_cache_stats', 'pool_spin_us',
+           'ENV_SWITCH', 'ENV_CACHE', 'ENV_SPIN']
 
 ENV_SWITCH = 'RETFOUND_CPU_KERNELS'   # '0' / 'off' / 'false': never use the fused kernels
 ENV_CACHE = 'RETFOUND_KERNEL_CACHE'   # where the compiled library is kept
+ENV_SPIN = 'RETFOUND_KERNEL_SPIN_US'  # how long idle worker threads poll before blocking (default 300)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'retfound_cpu_kernels.cc')
 FLAGS = ('-std=c++17', '-O3', '-march=native', '-fopenmp-simd', '-pthread', '-shared', '-fPIC', '-ldl')
 LIB_NAME = 'libretfound_cpu_kernels.so'
@@ -179,6 +180,8 @@ def _lib():
         if path is not None:
             _state['lib'] = ctypes.CDLL(path)
             _state['lib'].RfWeightCacheStat.restype = ctypes.c_int64
+            _state['lib'].RfPoolSpinUs.restype = ctypes.c_int64
+            _state['lib'].RfPoolSpinUs.argtypes = [ctypes.c_int64]
     return _state['lib']
 
 
@@ -219,6 +222,16 @@ def weight_cache_stats():
         return None
     lib = _lib()
     return {name: int(lib.RfWeightCacheStat(i)) for i, name in enumerate(('weights', 'bytes', 'packs', 'calls'))}
+
+
+def pool_spin_us(us=None):
+    """How long (microseconds) the kernels' worker threads poll for the next call before blocking;
+    with ``us``, set it (0: block at once) and return the previous value. The default, 300, or
+    $RETFOUND_KERNEL_SPIN_US when set, is read when the library is loaded. None without the library.
+    Results never depend on it, only the time a call waits for a blocked thread to wake."""
+    if not enabled():
+        return None
+    return int(_lib().RfPoolSpinUs(-1 if us is None else max(0, int(us))))
 
 
 def linear_available(bf16=False):

@@ -19,14 +19,15 @@
 //     MindSpore itself ships and has loaded (dnnl_sgemm, and dnnl_gemm_bf16bf16f32 for the bf16
 //     matmul mode: bf16 inputs rounded to nearest even, fp32 accumulation and outputs).
 // Loops are written for the compiler's auto-vectoriser (#pragma omp simd, compiled with
-// -fopenmp-simd: no OpenMP runtime) and split over a small pool of blocking worker threads.
-// OpenMP is deliberately not used: MindSpore has already loaded and initialised libgomp, whose
-// idle threads spin (OMP_WAIT_POLICY can no longer be changed) and slowed MindSpore's own GEMMs
-// by ~15%. Results do not depend on the number of threads (no cross-thread reductions).
+// -fopenmp-simd: no OpenMP runtime) and split over a small pool of worker threads that poll for
+// 300 us after a call, then block (see Pool). OpenMP is deliberately not used: MindSpore has
+// already loaded and initialised libgomp, whose idle threads spin for much longer
+// (OMP_WAIT_POLICY can no longer be changed) and slowed MindSpore's own GEMMs by ~15%. Results do not depend on the number of threads (no cross-thread reductions).
 // --------------------------------------------------------
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -80,14 +81,27 @@ inline bool DtypesAre(int nparam, const char **dtypes, const char *kinds) {
 
 // ------------------------------------------------------------------ thread pool
 // Run(n, fn) calls fn(begin, end) on disjoint ranges covering [0, n), the caller taking the first.
-// Workers block on a condition variable between calls. A call made while another is running
-// (MindSpore may launch kernels from several threads) runs inline on its own thread.
+// A call made while another is running (MindSpore may launch kernels from several threads) runs
+// inline on its own thread.
+// Waiting: a worker that has finished, and a caller waiting for its workers, first poll for a
+// short while (300 us by default; RETFOUND_KERNEL_SPIN_US or RfPoolSpinUs() change it, 0 = block
+// at once) and only then block on a condition variable. Waking a blocked thread took ~50 us on
+// the 2-core VM this was measured on; a ViT-L/16 forward makes ~350 pool calls, and 85% of the
+// gaps between them were under 300 us (median 49 us), so the next call usually finds the worker
+// still polling (a no-op call: 45 us -> 0.5 us). The poll yields the CPU every 64 checks, so a
+// thread MindSpore wakes meanwhile is not kept waiting.
 class Pool {
  public:
   static Pool &Get() {
     static Pool *pool = new Pool();  // never destroyed: workers may outlive static destructors
     return *pool;
   }
+
+  // the poll before blocking, in microseconds (clamped to [0, 100000]); returns the previous value
+  long SetSpinUs(long us) {
+    return spin_ns_.exchange(std::max(0L, std::min(us, 100000L)) * 1000) / 1000;
+  }
+  long SpinUs() const { return spin_ns_.load(std::memory_order_relaxed) / 1000; }
 
   void Run(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)> &fn) {
     int64_t parts = std::min<int64_t>(threads_, (n + grain - 1) / std::max<int64_t>(grain, 1));
@@ -105,13 +119,15 @@ class Pool {
       fn_ = &fn;
       n_ = n;
       parts_ = parts;
-      pending_ = parts - 1;
-      ++generation_;
+      pending_.store(parts - 1, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+      if (sleepers_ > 0) wake_.notify_all();
     }
-    wake_.notify_all();
     fn(0, n / parts);
-    std::unique_lock<std::mutex> lk(mutex_);
-    done_.wait(lk, [this] { return pending_ == 0; });
+    if (!Poll([this] { return pending_.load(std::memory_order_acquire) == 0; })) {
+      std::unique_lock<std::mutex> lk(mutex_);
+      done_.wait(lk, [this] { return pending_.load(std::memory_order_acquire) == 0; });
+    }
     fn_ = nullptr;
   }
 
@@ -126,6 +142,11 @@ class Pool {
       if (v > 0) count = v;
     }
     count = std::max(1, std::min(count, 256));
+    spin_ns_ = 300000;
+    if (const char *env = std::getenv("RETFOUND_KERNEL_SPIN_US")) {
+      const long v = std::atol(env);
+      if (v >= 0) SetSpinUs(v);
+    }
     threads_ = 1;
     for (int i = 1; i < count; ++i) {
       try {
@@ -137,28 +158,59 @@ class Pool {
     }
   }
 
+  // true as soon as ready() holds, false when spin_ns_ passed without it
+  template <typename R>
+  bool Poll(R ready) const {
+    if (ready()) return true;
+    const long spin_ns = spin_ns_.load(std::memory_order_relaxed);
+    if (spin_ns <= 0) return false;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 1;; ++i) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+      if (ready()) return true;
+      if ((i & 63) == 0) {
+        if (std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count() >
+            spin_ns)
+          return false;
+        sched_yield();
+      }
+    }
+  }
+
   void Loop(int64_t idx) {
     uint64_t seen = 0;
-    std::unique_lock<std::mutex> lk(mutex_);
     for (;;) {
-      wake_.wait(lk, [&] { return generation_ != seen; });
-      seen = generation_;
+      Poll([&] { return generation_.load(std::memory_order_acquire) != seen; });
+      std::unique_lock<std::mutex> lk(mutex_);
+      if (generation_.load(std::memory_order_relaxed) == seen) {
+        ++sleepers_;
+        wake_.wait(lk, [&] { return generation_.load(std::memory_order_relaxed) != seen; });
+        --sleepers_;
+      }
+      // read the call under the lock: Run() writes it and bumps generation_ under the same lock
+      seen = generation_.load(std::memory_order_relaxed);
       if (idx >= parts_) continue;
       const auto *fn = fn_;
       const int64_t begin = n_ * idx / parts_, end = n_ * (idx + 1) / parts_;
       lk.unlock();
       (*fn)(begin, end);
-      lk.lock();
-      if (--pending_ == 0) done_.notify_one();
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> done(mutex_);  // (Run checks pending_ under this lock)
+        done_.notify_one();
+      }
     }
   }
 
   int threads_ = 1;
+  std::atomic<long> spin_ns_{0};
   std::mutex run_mutex_, mutex_;
   std::condition_variable wake_, done_;
   const std::function<void(int64_t, int64_t)> *fn_ = nullptr;
-  int64_t n_ = 0, parts_ = 0, pending_ = 0;
-  uint64_t generation_ = 0;
+  int64_t n_ = 0, parts_ = 0, sleepers_ = 0;
+  std::atomic<int64_t> pending_{0};
+  std::atomic<uint64_t> generation_{0};
 };
 
 template <typename F>
@@ -1430,6 +1482,14 @@ int RfGemmAvailable() { return (GetDnnl().sgemm ? 1 : 0) | (GetDnnl().bf16 ? 2 :
 // Packed bf16 weights for the Linear forward (see WeightCache): on != 0 switches them on, 0 off
 // (freeing every packed copy). Returns the previous state. Called through ctypes.
 int RfSetWeightCache(int on) { return WeightCache::Get().SetActive(on != 0); }
+
+// How long the pool's threads poll before blocking (see Pool), in microseconds; negative: only
+// read it. Returns the value before the call.
+int64_t RfPoolSpinUs(int64_t us) {
+  Pool &pool = Pool::Get();
+  if (us < 0) return pool.SpinUs();
+  return pool.SetSpinUs(static_cast<long>(us));
+}
 
 // 1 when oneDNN's matmul primitive API was found (the packed path can run), else 0.
 int RfPackedMatmulAvailable() { return GetMatmul().ok ? 1 : 0; }
