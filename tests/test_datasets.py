@@ -4,6 +4,7 @@
 import argparse
 import io
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -313,7 +314,7 @@ def test_scan_images_lists_all_bad_and_skips(tmp_path):
     good_jpg = io.BytesIO()
     Image.fromarray(np.random.RandomState(0).randint(0, 256, (64, 64, 3), dtype=np.uint8)).save(good_jpg, 'JPEG')
     bad = {'a/trunc.jpg': good_jpg.getvalue()[:400], 'a/zero.png': b'',
-           'b/text.png': b'hello, not a png', 'b/trunc.png': open(os.path.join(root, 'train/a/0.png'), 'rb').read()[:-30]}
+           'b/text.png': b'hello, not a png', 'b/trunc.png': pathlib.Path(root, 'train/a/0.png').read_bytes()[:-30]}
     for rel, data in bad.items():
         with open(os.path.join(root, 'train', rel), 'wb') as f:
             f.write(data)

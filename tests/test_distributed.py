@@ -12,6 +12,7 @@ there) on a free port, with the venv's bin first on PATH (msrun starts `python` 
 import csv
 import json
 import os
+import pathlib
 import shutil
 import socket
 import subprocess
@@ -65,7 +66,7 @@ def worker_logs(log_dir):
     out = {}
     for r in (0, 1):
         path = os.path.join(log_dir, f"worker_{r}.log")
-        out[r] = open(path, encoding="utf-8", errors="replace").read() if os.path.isfile(path) else ""
+        out[r] = pathlib.Path(path).read_text(encoding="utf-8", errors="replace") if os.path.isfile(path) else ""
     return out
 
 

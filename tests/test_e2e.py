@@ -22,6 +22,12 @@ CSV_HEADER = ['val_loss', 'accuracy', 'f1', 'roc_auc', 'hamming', 'jaccard', 'pr
               'average_precision', 'kappa']
 
 
+def read_jsonl(path):
+    """The records of a log.txt (one JSON object per line)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
 def _run(args, cwd, timeout=240):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, MAIN] + args, cwd=cwd, env=env, capture_output=True, text=True,
@@ -60,7 +66,7 @@ def test_outputs_have_the_original_names_and_columns(trained):
     val, test = _rows(task / "metrics_val.csv"), _rows(task / "metrics_test.csv")
     assert val[0] == CSV_HEADER and test[0] == CSV_HEADER
     assert len(val) == 1 + 3 and len(test) == 1 + 1
-    log = [json.loads(line) for line in open(task / "log.txt")]
+    log = read_jsonl(task / "log.txt")
     assert [r["epoch"] for r in log] == [0, 1, 2]
     assert {"train_lr", "train_loss", "epoch", "n_parameters"} <= set(log[0])
     assert "Test with the best model, epoch = " in stdout
@@ -113,7 +119,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(trained):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Start training for 3 epochs" in r.stdout
 
-    log = [json.loads(line) for line in open(task / "log.txt")]
+    log = read_jsonl(task / "log.txt")
     assert [row["epoch"] for row in log] == [0, 1, 2]  # no completed epoch lost, none repeated
     assert len(_rows(task / "metrics_val.csv")) == 1 + 3
     assert len(_rows(task / "metrics_test.csv")) == 1 + 1
@@ -124,7 +130,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(trained):
     assert max(abs(lr[s] - ref_lr[s]) for s in resumed_steps) <= 1e-12
     # the data order, augmentation draws and arithmetic are deterministic: the epochs match the
     # uninterrupted run (train loss from log.txt, val metrics from the csv)
-    ref_log = [json.loads(line) for line in open(ref_task / "log.txt")]
+    ref_log = read_jsonl(ref_task / "log.txt")
     assert np.allclose([r2["train_loss"] for r2 in log], [r2["train_loss"] for r2 in ref_log], rtol=1e-4)
 
 
@@ -304,7 +310,7 @@ def test_cpu_bf16_trains_and_evaluates(data, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Linear GEMMs: oneDNN fp32+bf16, bf16 inputs, fp32 accumulation" in r.stdout
     assert "evaluation: bf16 weights packed once (oneDNN matmul)" in r.stdout  # the epoch's evaluate()
-    log = [json.loads(line) for line in open(out / "bf16" / "log.txt")]
+    log = read_jsonl(out / "bf16" / "log.txt")
     assert np.isfinite(log[0]["train_loss"])
     r2 = _run(COMMON + ["--data_path", str(data / "data"), "--task", "bf16_eval", "--eval", "--output_dir",
                         str(out), "--resume", str(out / "bf16" / "checkpoint-best.ckpt")], cwd=str(tmp_path))

@@ -204,7 +204,8 @@ def test_wrong_model_lists_names_and_shapes(tmp_path):
 def test_corrupt_truncated_missing_files_raise_clear_errors(tmp_path):
     net = _Net()
     path = misc.save_model(_args(tmp_path), 0, net, net, None, None, 'best')
-    data = open(path, 'rb').read()
+    with open(path, 'rb') as f:
+        data = f.read()
     flipped = bytearray(data)
     flipped[len(data) // 2] ^= 0x04
     (tmp_path / 'flipped.ckpt').write_bytes(bytes(flipped))
@@ -271,6 +272,7 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            proc.stdout.close()
     assert kills == n_proc
     # whatever temp debris the kills left is removed by the next save to the same target
     for k in range(n_proc):
