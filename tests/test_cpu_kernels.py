@@ -605,3 +605,47 @@ def test_read_only_home_builds_under_the_temporary_directory(tmp_path):
     proc = _child(tmp_path, env)
     assert 'fused CPU kernels: on (' + str(tmp) in proc.stdout, proc.stdout
     assert list(tmp.rglob(K.LIB_NAME))
+
+
+class _AdamWCell(nn.Cell):
+    def __init__(self, n):
+        super().__init__()
+        self.p = ms.Parameter(ms.Tensor(np.linspace(-1, 1, n).astype(np.float32)), name='p')
+        self.m = ms.Parameter(ms.Tensor(np.full(n, 0.01, np.float32)), name='m')
+        self.v = ms.Parameter(ms.Tensor(np.full(n, 1e-4, np.float32)), name='v')
+        self.op = K.adamw_op()
+
+    def construct(self, g, sh, gh):
+        before = self.p * 2.0  # a reader of the parameter the kernel will overwrite
+        done = self.op(self.p, self.m, self.v, g, ops.depend(sh, before), gh)
+        return before, done
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_adamw_op_updates_in_place_after_what_its_inputs_wait_for(mode):
+    """The kernel writes param / exp_avg / exp_avg_sq in place (MindSpore passes the Parameters'
+    own storage), and runs after an operator its step scalars wait for (ops.depend): the reader
+    sees the old values. util_mindspore/optim.py makes the step scalars wait for all gradients."""
+    if not K.enabled():
+        pytest.skip(K.status())
+    n = 70001  # not a multiple of the vector width or of the threads' ranges
+    rs = np.random.RandomState(8)
+    g = rs.standard_normal(n).astype(np.float32)
+    lr, b1, b2, eps, bc1, bc2s, scale, wd = 2e-3, 0.9, 0.999, 1e-8, 0.19, 0.0447, 0.65, 0.05
+    sh = np.array([lr, b1, b2, eps, bc1, bc2s], np.float32)
+    gh = np.array([scale, wd], np.float32)
+    with ms_mode(mode):
+        cell = _AdamWCell(n)
+        p0, m0, v0 = (x.asnumpy().copy() for x in (cell.p, cell.m, cell.v))
+        before, done = cell(ms.Tensor(g), ms.Tensor(sh), ms.Tensor(gh))
+        np.testing.assert_array_equal(before.asnumpy(), p0 * 2.0)
+        assert float(done.asnumpy()[0]) == 1.0
+        p1, m1, v1 = (x.asnumpy() for x in (cell.p, cell.m, cell.v))
+    f = np.float32
+    group_lr = f(sh[0]) * f(gh[0])
+    m_ref = m0 + (f(1) - f(sh[1])) * (g - m0)
+    v_ref = v0 * f(sh[2]) + (f(1) - f(sh[2])) * g * g
+    p_ref = p0 * (f(1) - group_lr * f(gh[1])) - (group_lr / f(sh[4])) * (m_ref / (np.sqrt(v_ref) / f(sh[5]) + f(sh[3])))
+    np.testing.assert_array_equal(m1, m_ref)
+    np.testing.assert_array_equal(v1, v_ref)
+    np.testing.assert_array_equal(p1, p_ref)

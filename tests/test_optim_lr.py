@@ -9,6 +9,7 @@ from mindspore import Tensor
 
 from util_mindspore.lr_decay import param_groups_lrd, get_layer_id_for_vit
 from util_mindspore.lr_sched import adjust_learning_rate, lr_at
+from util_mindspore import cpu_kernels as K
 from util_mindspore.optim import AdamW, clip_grad_norm
 from tests.helpers import tiny_vit, load_numpy_state, ms_mode
 
@@ -91,7 +92,7 @@ def test_groups_and_effective_lr_equal_original():
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("fused", [True, False], ids=["fused_kernel", "composed"])
+@pytest.mark.parametrize("fused", [True, "ms", False], ids=["fused", "ms_kernel", "composed"])
 @pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE], ids=["pynative", "graph"])
 def test_three_adamw_steps_equal_torch(mode, fused):
     import torch
@@ -115,7 +116,34 @@ def test_three_adamw_steps_equal_torch(mode, fused):
             opt(tuple(Tensor(grads[p.name]) for p in opt.parameters), Tensor(lr, ms.float32))
         ref = state_dict_numpy(tm)
         worst = max(float(np.max(np.abs(p.asnumpy() - ref[p.name]))) for p in opt.parameters)
+        used = 'inplace' if opt.inplace is not None else ('ms' if opt.fused else 'composed')
     assert worst <= 1e-6, worst
+    # on CPU with the kernel library, fused=True is the library's in-place kernel
+    assert used == {True: 'inplace' if K.enabled() else 'ms', 'ms': 'ms', False: 'composed'}[fused]
+
+
+@pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE], ids=["pynative", "graph"])
+def test_inplace_adamw_kernel_is_the_composed_update_bit_for_bit(mode):
+    """The library's in-place step does the composed update's float32 operations in its order."""
+    if not K.enabled():
+        pytest.skip(K.status())
+    with ms_mode(mode):
+        finals = {}
+        for fused in (True, False):
+            np.random.seed(0)
+            m = tiny_vit(global_pool=True)
+            opt = AdamW(param_groups_lrd(m, 0.05, m.no_weight_decay(), 0.65), lr=1e-3, fused=fused)
+            assert (opt.inplace is not None) == fused
+            steps = np.random.default_rng(3)
+            for lr in (1e-3, 5e-4, 2e-3, 1e-2):
+                grads = tuple(Tensor((steps.standard_normal(p.shape) * 10.0 ** steps.integers(-6, 1)).astype(np.float32))
+                              for p in opt.parameters)
+                opt(grads, Tensor(lr, ms.float32))
+            finals[fused] = [(p.asnumpy(), a.asnumpy(), v.asnumpy())
+                             for p, a, v in zip(opt.parameters, opt.exp_avg, opt.exp_avg_sq)]
+    for got, ref in zip(finals[True], finals[False]):
+        for a, b in zip(got, ref):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_clip_grad_norm_hand_computed():

@@ -10,6 +10,8 @@
 import mindspore as ms
 from mindspore import nn, ops, Parameter, ParameterTuple, Tensor
 
+from util_mindspore import cpu_kernels
+
 _adamw = ops.MultitypeFuncGraph("retfound_adamw")
 
 
@@ -34,6 +36,17 @@ def _adamw_update(beta1, beta2, eps, lr, bc1, bc2_sqrt, lr_scale, weight_decay, 
     ops.assign(exp_avg_sq, new_exp_avg_sq)
     ops.assign(param, new_param)
     return True
+
+
+_adamw_kernel = ops.MultitypeFuncGraph("retfound_adamw_kernel")
+
+
+@_adamw_kernel.register("Function", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor")
+def _adamw_kernel_update(kernel, step_h, group_h, param, grad, exp_avg, exp_avg_sq):
+    """torch's AdamW step through the library's in-place kernel (cpu_kernels.adamw_op), the same
+    arithmetic as the composed update (``step_h`` must wait for all of the step's gradients: see
+    AdamW.construct)."""
+    return kernel(param, exp_avg, exp_avg_sq, grad, step_h, group_h)
 
 
 _adamw_fused = ops.MultitypeFuncGraph("retfound_adamw_fused")
@@ -83,8 +96,14 @@ class AdamW(nn.Cell):
 
     def __init__(self, param_groups, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, fused=True):
         super().__init__(auto_prefix=False)
-        self.fused = bool(fused)  # False: the same update as ~10 elementwise ops (reference path)
+        # fused=True: the library's threaded in-place step on CPU (cpu_kernels.adamw_op; fp32
+        # parameters, kernels built), else MindSpore's in-place AdamWeightDecay kernel;
+        # 'ms': always AdamWeightDecay; False: the same update as ~10 element-wise ops (reference).
+        if fused not in (True, False, 'ms'):
+            raise ValueError(f"fused must be True, False or 'ms', got {fused!r}")
+        self.fused = bool(fused)
         self.kernel = ops.AdamWeightDecay(use_locking=False)
+        self.inplace = None
         params, scales, decays = [], [], []
         for g in param_groups:
             for p in g["params"]:
@@ -99,6 +118,9 @@ class AdamW(nn.Cell):
         self.step_count = Parameter(Tensor(0.0, ms.float32), name="optimizer.step", requires_grad=False)
         self.lr_scales = tuple(Tensor(s, ms.float32) for s in scales)
         self.weight_decays = tuple(Tensor(d, ms.float32) for d in decays)
+        if fused is True and cpu_kernels.enabled() and all(p.dtype == ms.float32 for p in params):
+            self.inplace = cpu_kernels.adamw_op()
+            self.group_hs = tuple(Tensor([s, d], ms.float32) for s, d in zip(scales, decays))
         self.scale_values = tuple(scales)
         self.beta1 = Tensor(betas[0], ms.float32)
         self.beta2 = Tensor(betas[1], ms.float32)
@@ -122,6 +144,16 @@ class AdamW(nn.Cell):
 
     def construct(self, grads, lr):
         bc1, bc2_sqrt = self._bias_corrections(1.0)
+        if self.inplace is not None:
+            # MindSpore does not see that the kernel writes the parameters: it would be free to run
+            # an update while another operator still reads that parameter (a backward GEMM). So
+            # every update takes step_h, which waits for all of the step's gradients, and every
+            # reader of a parameter feeds one of them. (An ops.depend on the parameter input
+            # itself is not kept by GRAPH mode: tested.)
+            step_h = ops.depend(ops.stack([ops.cast(lr, ms.float32), self.beta1, self.beta2, self.eps, bc1, bc2_sqrt]),
+                                grads)
+            apply = ops.partial(_adamw_kernel, self.inplace, step_h)
+            return self.hyper_map(apply, self.group_hs, self.parameters, grads, self.exp_avg, self.exp_avg_sq)
         if self.fused:
             apply = ops.partial(_adamw_fused, self.kernel, self.beta1, self.beta2, self.eps, lr, bc1, bc2_sqrt)
         else:

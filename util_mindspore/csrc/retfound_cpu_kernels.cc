@@ -1266,6 +1266,47 @@ int RfAddRowScale(int nparam, void **params, int *ndims, int64_t **shapes, const
   return 0;
 }
 
+// ---------------------------------------------------------------- AdamW
+// AdamWStep(param, exp_avg, exp_avg_sq, grad, step_h (6,), group_h (2,)) -> done (1,):
+// torch.optim.AdamW's step for one parameter, written IN PLACE into param, exp_avg and exp_avg_sq
+// (util_mindspore/optim.py makes it wait for every gradient of the step). The scalars are
+//   step_h = [lr, beta1, beta2, eps, 1 - beta1^t, sqrt(1 - beta2^t)],  group_h = [lr_scale, weight_decay]
+// and every operation, scalar or per element, is the composed reference update's, in the same
+// float32 order (torch's _single_tensor_adamw; this file is compiled without FP contraction):
+//   p *= 1 - lr*wd;  m += (1 - b1) * (g - m);  v = v*b2 + ((1 - b2)*g)*g;
+//   p -= (lr/bc1) * (m / (sqrt(v)/sqrt(bc2) + eps))
+// One threaded pass over the four arrays; MindSpore's AdamWeightDecay kernel took 2-4x longer.
+int RfAdamWStep(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 7 || !AllF32(nparam, dtypes)) return 1;
+  const int64_t n = Numel(ndims[0], shapes[0]);
+  for (int i = 1; i < 4; ++i) {
+    if (Numel(ndims[i], shapes[i]) != n) return 2;
+  }
+  if (Numel(ndims[4], shapes[4]) != 6 || Numel(ndims[5], shapes[5]) != 2) return 2;
+  float *param = static_cast<float *>(params[0]), *exp_avg = static_cast<float *>(params[1]),
+        *exp_avg_sq = static_cast<float *>(params[2]);
+  const float *grad = static_cast<const float *>(params[3]), *sh = static_cast<const float *>(params[4]),
+              *gh = static_cast<const float *>(params[5]);
+  const float lr = sh[0], b1 = sh[1], b2 = sh[2], eps = sh[3], bc1 = sh[4], bc2_sqrt = sh[5];
+  const float group_lr = lr * gh[0];
+  const float decay = 1.0f - group_lr * gh[1], one_minus_b1 = 1.0f - b1, one_minus_b2 = 1.0f - b2,
+              step = group_lr / bc1;
+  ParallelFor(n, 1 << 15, [&](int64_t lo, int64_t hi) {
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) {
+      const float g = grad[i];
+      const float m = exp_avg[i] + one_minus_b1 * (g - exp_avg[i]);
+      const float v = exp_avg_sq[i] * b2 + one_minus_b2 * g * g;
+      const float denom = std::sqrt(v) / bc2_sqrt + eps;
+      param[i] = param[i] * decay - step * (m / denom);
+      exp_avg[i] = m;
+      exp_avg_sq[i] = v;
+    }
+  });
+  static_cast<float *>(params[6])[0] = 1.0f;
+  return 0;
+}
+
 }  // extern "C"
 
 // ---------------------------------------------------------------- attention core
