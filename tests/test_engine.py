@@ -292,8 +292,9 @@ def test_train_steps_equal_the_original_train_steps(mode, accum_iter):
     """Whole compiled steps (forward, loss, backward, AdamW over layer-decay groups) against the
     original's (engine_finetune.py: CrossEntropyLoss, backward, torch.optim.AdamW) from the same
     weights. On CPU the update is the library's in-place AdamW kernel, which MindSpore cannot see
-    writing the parameters: an update run before a backward operator had read its parameter would
-    change the gradients of the layers below, and the parameters would drift apart here."""
+    writing the parameters; the whole steps must equal the composed update's bit for bit (an update
+    run before a backward operator had read its parameter would change the gradients below it).
+    The ordering mechanism itself is tested at the operator level in test_cpu_kernels.py."""
     import torch
     from tests.original_reference import retfound_vit, lr_decay_param_groups, randomize_, state_dict_numpy
     tm = randomize_(retfound_vit(global_pool=True, num_classes=3, img_size=32, patch_size=8, embed_dim=32,

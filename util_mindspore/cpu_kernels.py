@@ -1,6 +1,7 @@
 # --------------------------------------------------------
 # RETFound for MindSpore: fused fp32 CPU kernels (LayerNorm, bias add, bias + GELU, softmax,
-# attention head split) as MindSpore AOT custom operators with their own backward kernels.
+# attention head split, Linear and the attention core on oneDNN, drop path, the AdamW step) as
+# MindSpore AOT custom operators with their own backward kernels.
 # Written for this port; the C++ source is util_mindspore/csrc/retfound_cpu_kernels.cc.
 #
 # Why: on CPU, MindSpore 2.10's LayerNormGrad, BiasAddGrad, Erf, the softmax-backward ReduceSum
@@ -485,8 +486,8 @@ def adamw_op():
     """op(param, exp_avg, exp_avg_sq, grad, step_h (6,), group_h (2,)) -> done (1,): one torch AdamW
     step written IN PLACE into param, exp_avg and exp_avg_sq (fp32; see RfAdamWStep for the
     scalars). MindSpore does not know the op writes its inputs: the caller must make it wait for
-    every reader of the parameter (util_mindspore/optim.py passes ``grad`` through ops.depend on
-    all of the step's gradients) and consume ``done``."""
+    every reader of the parameter (util_mindspore/optim.py makes ``step_h`` depend on all of the
+    step's gradients) and consume ``done``."""
     return _custom('RfAdamWStep', lambda p, m, v, g, sh, gh: [1], lambda p, m, v, g, sh, gh: p)
 
 

@@ -22,7 +22,8 @@
 // -fopenmp-simd: no OpenMP runtime) and split over a small pool of worker threads that poll for
 // 300 us after a call, then block (see Pool). OpenMP is deliberately not used: MindSpore has
 // already loaded and initialised libgomp, whose idle threads spin for much longer
-// (OMP_WAIT_POLICY can no longer be changed) and slowed MindSpore's own GEMMs by ~15%. Results do not depend on the number of threads (no cross-thread reductions).
+// (OMP_WAIT_POLICY can no longer be changed) and slowed MindSpore's own GEMMs by ~15%. Results
+// do not depend on the number of threads (no cross-thread reductions).
 // --------------------------------------------------------
 #include <algorithm>
 #include <array>
