@@ -110,7 +110,8 @@ def get_args_parser():
                         "accumulation, fp32 weights, activations and softmax) through oneDNN, like "
                         "torch.autocast('cpu', torch.bfloat16); ~1.6x faster training on CPUs with AVX512-BF16/AMX")
     g.add_argument("--seed", default=0, type=int)
-    g.add_argument("--resume", default="", help="Resume from checkpoint (.ckpt of ours, or the original's .pth)")
+    g.add_argument("--resume", default="", help="Resume from checkpoint (.ckpt of ours, or the original's .pth: its "
+                   "weights and args, as the original; AdamW moments start from zero)")
     g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="Start epoch")
     g.add_argument("--eval", action="store_true", help="Evaluation only (test split)")
     g.add_argument("--dist_eval", action="store_true", default=False,
@@ -252,11 +253,15 @@ def main(args):
         except (misc.CheckpointError, WeightLoadError) as e:
             raise SystemExit(f"--resume: {e}")
         if saved:
-            resume_path = args.resume
+            resume_path, device = args.resume, args.device
             for k, v in saved.items():
                 setattr(args, k, v)
             args.resume = resume_path
             print(f"Load checkpoint (args) from: {args.resume}")
+            if not resume_path.endswith(".ckpt"):
+                # The original's args name a torch device ('cuda' always: it runs on CUDA), which
+                # says nothing about this machine's MindSpore: the command line's --device stays.
+                args.device = device
 
     # the device comes first: communication.init() picks mccl/nccl/hccl from it
     device = _resolve_device(args.device)

@@ -261,6 +261,68 @@ def test_eval_of_a_checkpoint_fine_tuned_by_the_original(data, tmp_path):
     assert abs(got["val_loss"] - float(np.mean(losses))) <= 1e-5
 
 
+def _original_args(**kw):
+    """The argparse.Namespace the original pickles into its checkpoints: its flags (ours without the
+    [MindSpore] additions, same names and defaults) as main_finetune.py leaves them, device 'cuda'."""
+    import argparse
+    sys.path.insert(0, ROOT)
+    try:
+        from main_finetune_mindspore import get_args_parser
+    finally:
+        sys.path.remove(ROOT)
+    ns = vars(get_args_parser().parse_args([]))
+    for ours in ("device", "mode", "amp_level", "cpu_bf16", "weights_cache_dir", "single_fc_norm",
+                 "skip_bad_images"):
+        ns.pop(ours)
+    ns.update(device="cuda", distributed=False)
+    ns.update(kw)
+    return argparse.Namespace(**ns)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("with_optimizer", [False, True], ids=["best_pth", "pth_with_torch_optimizer"])
+def test_training_resume_from_a_checkpoint_of_the_original(data, tmp_path, with_optimizer):
+    """--resume checkpoint-best.pth without --eval, as the original allows: the run takes the
+    checkpoint's args (all but the torch device) and its weights, and trains from args.start_epoch
+    (the original's best checkpoint has no optimizer state); a .pth with a torch optimizer state
+    continues at epoch + 1, with fresh AdamW moments (warned). With lr 0 the weights the run saves
+    must be the .pth's, bit for bit."""
+    import torch
+    from tests.original_reference import retfound_vit, randomize_
+    from util_mindspore.checkpoint import load_checkpoint_checked
+    tm = randomize_(retfound_vit(global_pool=True, img_size=32, patch_size=16, embed_dim=192, depth=12,
+                                 num_heads=3, num_classes=3), seed=5)
+    out = tmp_path / "out"
+    saved = _original_args(model="vit_tiny_patch16", input_size=32, nb_classes=3, batch_size=8, epochs=2,
+                           warmup_epochs=1, drop_path=0.0, num_workers=1, lr=0.0, min_lr=0.0,
+                           data_path=str(data / "data"), output_dir=str(out), log_dir=str(tmp_path / "logs"),
+                           task="resumed")
+    ckpt = {"model": tm.state_dict(), "epoch": 0, "args": saved}
+    if with_optimizer:
+        opt = torch.optim.AdamW(tm.parameters(), lr=1e-3)
+        tm(torch.zeros(1, 3, 32, 32)).sum().backward()
+        opt.step()
+        ckpt["model"] = tm.state_dict()
+        ckpt["optimizer"] = opt.state_dict()
+    pth = tmp_path / "checkpoint-best.pth"
+    torch.save(ckpt, pth)
+    r = _run(["--resume", str(pth), "--device", "CPU"], cwd=str(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Load checkpoint (args) from" in r.stdout
+    epochs = [rec["epoch"] for rec in read_jsonl(out / "resumed" / "log.txt")]
+    if with_optimizer:
+        assert "AdamW's moments start from zero" in r.stdout
+        assert epochs == [1]  # continues after the checkpoint's epoch 0, as the original
+    else:
+        assert "no optimizer state" in r.stdout
+        assert epochs == [0, 1]  # the original's args.start_epoch
+    best = load_checkpoint_checked(out / "resumed" / "checkpoint-best.ckpt")
+    sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
+    assert set(sd) <= set(best)
+    for k, v in sd.items():
+        assert np.array_equal(best[k].asnumpy(), v), k
+
+
 class SimpleArgs:
     def __init__(self, **kw):
         defaults = dict(aa="rand-m9-mstd0.5-inc1", color_jitter=None, reprob=0.25, remode="pixel", recount=1,

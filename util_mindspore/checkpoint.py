@@ -214,8 +214,34 @@ def read_checkpoint_args(path):
     return dict(vars(saved)) if hasattr(saved, '__dict__') else dict(saved)
 
 
+def _load_original_checkpoint(args, model_without_ddp, path):
+    """--resume with a checkpoint the PyTorch original wrote (.pth): its model weights, strictly.
+
+    The original's checkpoint-best.pth holds {'model', 'epoch', 'args'} and no optimizer state, so
+    its own `--resume checkpoint-best.pth` trains again from args.start_epoch with fresh AdamW
+    moments; so does this. A .pth that does carry a torch optimizer state (and an epoch) continues
+    at epoch + 1 as the original would, but the torch state itself is not transferable: AdamW's
+    moments start from zero (said in a warning)."""
+    from util_mindspore.weight_converter import load_model_weights, WeightLoadError
+    try:
+        meta = load_model_weights(model_without_ddp, path)
+    except WeightLoadError as e:
+        raise CheckpointError(str(e)) from None
+    if getattr(args, 'eval', False):
+        return meta
+    if meta.get('has_optimizer') and 'epoch' in meta:
+        args.start_epoch = int(meta['epoch']) + 1
+        print(f"WARNING: {path} holds a torch optimizer state, which MindSpore cannot use: training continues "
+              f"at epoch {args.start_epoch} as the original would, but AdamW's moments start from zero")
+    else:
+        print(f"{path} is the original's checkpoint (model weights, no optimizer state): training starts at "
+              f"epoch {args.start_epoch} from these weights, as the original does with it")
+    return meta
+
+
 def load_model(args, model_without_ddp, optimizer, loss_scaler):
-    """Resume from args.resume (a checkpoint written by save_model).
+    """Resume from args.resume (a checkpoint written by save_model, or the original's .pth: see
+    _load_original_checkpoint).
 
     Loads every model parameter (strict: present, equal shape; extra model-like entries are
     an error), and, unless args.eval, the optimizer state and loss-scale state when present,
@@ -226,8 +252,7 @@ def load_model(args, model_without_ddp, optimizer, loss_scaler):
         return None
     path = args.resume
     if not path.endswith('.ckpt'):
-        raise CheckpointError(f'--resume {path}: full-state resume needs a .ckpt written by this port; '
-                              f'a PyTorch .pth has no MindSpore optimizer state (use --finetune to start from its weights)')
+        return _load_original_checkpoint(args, model_without_ddp, path)
     ckpt = load_checkpoint_checked(path)
     model_params = _model_params(model_without_ddp)
     _check_and_copy(model_params, ckpt, path, 'model')
