@@ -170,12 +170,17 @@ class PatchEmbed(nn.Cell):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.in_chans = in_chans
         self.proj = PatchProj(in_chans, embed_dim, patch_size)
+        # timm's stride-p, kernel-p Conv2d (no padding) leaves out the last img_size % p rows and
+        # columns (vit_huge_patch14 at 256: an 18x18 grid over 252x252 pixels); so does this.
+        self.crop = img_size % patch_size != 0
 
     def construct(self, x):
         b = x.shape[0]
         p = self.patch_size[0]
         gh, gw = self.grid_size
-        # timm crops nothing: the image must be exactly img_size (strict_img_size=True).
+        # The image must be exactly img_size, as timm's strict_img_size=True asserts.
+        if self.crop:
+            x = x[:, :, :gh * p, :gw * p]
         x = x.reshape(b, self.in_chans, gh, p, gw, p)
         x = x.transpose(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, self.in_chans * p * p)
         return self.proj(x)  # (B, N, D), as timm's flatten(2).transpose(1, 2)
@@ -406,8 +411,8 @@ class VisionTransformer(nn.Cell):
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
-                 depth=12, num_heads=12, mlp_ratio=4., qkv_bias=True, drop_rate=0., attn_drop_rate=0.,
-                 proj_drop_rate=0., drop_path_rate=0., init_values=None, global_pool=False,
+                 depth=12, num_heads=12, mlp_ratio=4., qkv_bias=True, drop_rate=0., pos_drop_rate=0.,
+                 attn_drop_rate=0., proj_drop_rate=0., drop_path_rate=0., init_values=None, global_pool=False,
                  fc_norm_twice=True, mlp_layer='mlp', norm_eps=1e-6):
         super().__init__()
         self.num_classes = num_classes
@@ -424,7 +429,8 @@ class VisionTransformer(nn.Cell):
         self.cls_token = Parameter(Tensor((np.random.standard_normal((1, 1, embed_dim)) * 1e-6).astype(np.float32)),
                                    name='cls_token')
         self.pos_embed = Parameter(trunc_normal((1, num_patches + 1, embed_dim)), name='pos_embed')
-        self.pos_drop = nn.Dropout(p=drop_rate) if drop_rate > 0 else nn.Identity()
+        # timm 0.9: pos_drop_rate after the position embedding, drop_rate only before the head
+        self.pos_drop = nn.Dropout(p=pos_drop_rate) if pos_drop_rate > 0 else nn.Identity()
 
         dpr = [float(v) for v in np.linspace(0, drop_path_rate, depth)]  # stochastic depth decay rule
         self.blocks = nn.CellList([

@@ -62,6 +62,15 @@ def test_defaults_spelled_out():
     assert tuple(m.head.weight.shape) == (3, 32)
 
 
+def test_drop_rate_is_the_head_dropout_as_timm_0_9():
+    """timm 0.9 VisionTransformer: drop_rate drops before the head only, pos_drop_rate after the
+    position embedding."""
+    m = tiny_vit(drop_rate=0.5)
+    assert isinstance(m.pos_drop, nn.Identity) and isinstance(m.head_drop, nn.Dropout)
+    m = tiny_vit(pos_drop_rate=0.25)
+    assert isinstance(m.pos_drop, nn.Dropout) and isinstance(m.head_drop, nn.Identity)
+
+
 @pytest.mark.torch
 @pytest.mark.parametrize("kernels", KERNELS, indirect=True)
 @pytest.mark.parametrize("mode", MODES)
@@ -77,6 +86,27 @@ def test_logits_match_original(mode, global_pool, kernels):
         m = load_numpy_state(tiny_vit(global_pool=global_pool), state_dict_numpy(tm))
         assert m.blocks[0].attn.fused == m.blocks[0].mlp.fused == m.blocks[0].norm1.fused == kernels
         assert (m.blocks[0].attn.qkv.linear is not None) == kernels  # the oneDNN Linear operator
+        m.set_train(False)
+        out = m(ms.Tensor(x.numpy())).asnumpy()
+    assert _max_abs(out, ref) <= 1e-5
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("img_size,patch_size", [(36, 8), (256, 14)], ids=["36_over_8", "256_over_14"])
+def test_image_size_not_a_multiple_of_the_patch_size(mode, img_size, patch_size):
+    """timm's stride-p convolution leaves out the last img_size % p rows and columns (e.g.
+    vit_huge_patch14 at the default --input_size 256: an 18x18 grid); the reshape used to fail."""
+    import torch
+    from tests.original_reference import retfound_vit, randomize_, state_dict_numpy
+    cfg = dict(TINY, img_size=img_size, patch_size=patch_size, depth=1)
+    tm = randomize_(retfound_vit(global_pool=True, num_classes=3, **cfg), seed=4).eval()
+    x = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = tm(x).numpy()
+    with ms_mode(mode):
+        m = load_numpy_state(tiny_vit(global_pool=True, **cfg), state_dict_numpy(tm))
+        assert m.patch_embed.num_patches == tm.patch_embed.num_patches == (img_size // patch_size) ** 2
         m.set_train(False)
         out = m(ms.Tensor(x.numpy())).asnumpy()
     assert _max_abs(out, ref) <= 1e-5
