@@ -59,6 +59,21 @@ def test_imagefolder_matches_torchvision(tmp_path):
     assert len(ours) == 10
 
 
+@pytest.mark.torch
+def test_each_split_is_indexed_by_its_own_class_folders_as_the_original(tmp_path):
+    """The original builds one torchvision ImageFolder per split. An --eval whose test/ holds other
+    classes than an existing train/ must label test/ by its own folders (it used to take train/'s
+    list, silently dropping test/'s extra class and shifting the names on the confusion matrix)."""
+    from torchvision.datasets import ImageFolder as TVImageFolder
+    _layout(tmp_path, classes=('a', 'b', 'c'), splits=('train',))
+    _layout(tmp_path, classes=('a', 'c', 'd'), splits=('test',))
+    ours = build_dataset('test', _args(tmp_path))
+    ref = TVImageFolder(os.path.join(tmp_path, 'test'))
+    assert ours.classes == ref.classes == ['a', 'c', 'd']
+    assert ours.samples == ref.samples and ours.targets == ref.targets == [0] * 3 + [1] * 3 + [2] * 3
+    assert check_data_layout(str(tmp_path), 3, need=('test',)) == ['a', 'c', 'd']
+
+
 def test_hidden_files_and_dirs_ignored(tmp_path):
     _odd_tree(tmp_path)
     _img(os.path.join(tmp_path, '.ipynb_checkpoints', 'c.png'))             # hidden class folder

@@ -159,11 +159,9 @@ def build_dataset(is_train, args):
     """``is_train`` is the split name ('train', 'val', 'test'), as in the original."""
     transform = build_transform(is_train, args)
     root = os.path.join(args.data_path, is_train)
-    classes = None
-    train_root = os.path.join(args.data_path, 'train')
-    if is_train != 'train' and os.path.isdir(train_root):
-        classes = find_classes(train_root)  # val/test reuse train's class indices
-    dataset = ImageFolder(root, transform=transform, classes=classes)
+    # Each split's own sorted class folders, as the original's ImageFolder per split (a training
+    # run first checks that every split has the same ones: check_data_layout).
+    dataset = ImageFolder(root, transform=transform)
     if is_train == 'train':
         idx = subsample_indices(dataset.targets, getattr(args, 'dataratio', 1.0),
                                 int(getattr(args, 'seed', 0)), bool(getattr(args, 'stratified', False)))
