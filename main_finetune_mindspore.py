@@ -297,6 +297,14 @@ def main(args):
         class_names = check_data_layout(args.data_path, args.nb_classes, need=splits)
     except DatasetError as e:
         raise SystemExit(f"Data error: {e}")
+    train_root = os.path.join(args.data_path, "train")
+    if args.eval and os.path.isdir(train_root):
+        from util_mindspore.datasets import find_classes
+        train_classes = find_classes(train_root)
+        if train_classes != class_names:
+            print(f"WARNING: test/ has classes {class_names} but train/ has {train_classes}: the labels follow "
+                  f"test/'s own sorted folders (index 0 = {class_names[0]!r}), as in the original; check that "
+                  f"the model's class indices mean the same classes")
 
     # ---- Datasets & loaders, before the model: the loaders fork their worker processes now, while
     # the process is small (a worker forked after the model exists pins a copy-on-write image of
@@ -316,6 +324,9 @@ def main(args):
     if not args.eval:
         # PARITY: the original's DistributedSampler has no seed argument, so its shuffle order is
         # seeded with 0 whatever --seed is (main_finetune.py); augmentation draws still follow --seed.
+        # set_epoch (below) reshuffles every epoch, as the original under its documented launcher,
+        # torchrun (distributed even with one process); a plain `python main_finetune.py` run of
+        # the original skips set_epoch and repeats epoch 0's order, which is not reproduced.
         loader_train = create_loader(datasets["train"], args.batch_size, shuffle=True, drop_last=True,
                                      num_workers=args.num_workers, seed=args.seed, shuffle_seed=0, **shard)
         if len(loader_train) == 0:
