@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import random
+import re
 import time
 from pathlib import Path
 
@@ -492,4 +493,12 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.output_dir:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    main(args)
+    try:
+        main(args)
+    except (RuntimeError, ValueError) as e:
+        # An image that passed the pre-flight check but fails to decode when loaded: MindSpore's
+        # pipeline wraps the worker's DatasetError in a RuntimeError with a long trace; say which file.
+        found = re.search(r"(?:^|DatasetError: )(unreadable image [^\n]*)", str(e))
+        if found is None:
+            raise
+        raise SystemExit(f"Data error: {found.group(1)}") from None

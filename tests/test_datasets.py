@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from util_mindspore.datasets import (DatasetError, ImageFolder, build_dataset, check_data_layout,
-                                     create_loader, pil_loader, sample_rng, scan_images, shard_indices,
+                                     create_loader, pil_loader, sample_rng, scan_images, shard_indices, check_image,
                                      stratified_indices, subsample_indices, torch_randperm)
 
 
@@ -322,6 +322,50 @@ def test_layout_errors(tmp_path):
     os.makedirs(tmp_path / 'nocls' / 'train')
     with pytest.raises(DatasetError, match='no class folders'):
         check_data_layout(str(tmp_path / 'nocls'), need=('train',))
+
+
+def _png_with_damaged_data(path, size=64):
+    """A PNG whose compressed image data is damaged but whose chunk CRCs are recomputed: it passes
+    verify() (and so the pre-flight check) and fails only when decoded."""
+    import struct
+    import zlib
+    buf = io.BytesIO()
+    Image.fromarray(np.random.RandomState(1).randint(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, 'PNG')
+    data = bytearray(buf.getvalue())
+    at = data.index(b'IDAT')
+    length = struct.unpack('>I', data[at - 4:at])[0]
+    body = bytearray(data[at + 4:at + 4 + length])
+    body[len(body) // 2:len(body) // 2 + 8] = b'\xff' * 8
+    data[at + 4:at + 4 + length] = body
+    data[at + 4 + length:at + 8 + length] = struct.pack('>I', zlib.crc32(b'IDAT' + bytes(body)))
+    with open(path, 'wb') as f:
+        f.write(bytes(data))
+    return path
+
+
+def test_damage_inside_jpeg_data_is_found_before_training(tmp_path):
+    """A JPEG damaged inside its compressed data, with its end marker intact, used to pass the
+    check and stop training mid-epoch: the check now decodes it (1/8-scale draft)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (96, 96, 3), dtype=np.uint8)).save(buf, 'JPEG')
+    good = buf.getvalue()
+    damaged = bytearray(good)
+    damaged[len(good) // 2:len(good) // 2 + 2] = b'\xff\xda'
+    assert damaged.endswith(b'\xff\xd9')
+    (tmp_path / 'bad.jpg').write_bytes(bytes(damaged))
+    (tmp_path / 'good.jpg').write_bytes(good)
+    with pytest.raises(OSError):
+        with Image.open(tmp_path / 'bad.jpg') as img:
+            img.load()
+    assert check_image(str(tmp_path / 'bad.jpg')) is not None
+    assert check_image(str(tmp_path / 'good.jpg')) is None
+
+
+def test_an_image_that_fails_only_when_loaded_names_its_file(tmp_path):
+    path = _png_with_damaged_data(str(tmp_path / 'x.png'))
+    assert check_image(path) is None  # CRCs are right: the cheap check cannot see it
+    with pytest.raises(DatasetError, match=r'unreadable image .*x\.png: OSError: .*Remove or replace the file'):
+        pil_loader(path)
 
 
 def test_scan_images_lists_all_bad_and_skips(tmp_path):

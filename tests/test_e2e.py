@@ -331,6 +331,21 @@ class SimpleArgs:
         self.__dict__.update(defaults)
 
 
+def test_an_image_that_fails_when_loaded_stops_the_run_naming_it(tmp_path):
+    """An image that passes the pre-flight check (a PNG with damaged data, CRCs recomputed) and
+    fails when a loader worker decodes it: the run exits 1 with the file's name, not a bare
+    MindSpore pipeline trace."""
+    from tests.test_datasets import _png_with_damaged_data
+    root = _make_tree(tmp_path / "d")
+    bad = _png_with_damaged_data(str(root / "train" / "b" / "9.png"), size=16)
+    r = _run(["--model", "vit_tiny_patch16", "--input_size", "32", "--nb_classes", "2", "--batch_size", "2",
+              "--num_workers", "2", "--device", "CPU", "--data_path", str(root), "--epochs", "1",
+              "--output_dir", str(tmp_path / "out"), "--task", "t"], cwd=str(tmp_path))
+    assert r.returncode == 1
+    last = (r.stdout + r.stderr).strip().splitlines()[-1]
+    assert last.startswith(f"Data error: unreadable image {bad}: OSError"), last
+
+
 def test_training_resume_from_a_missing_or_corrupt_checkpoint(tmp_path):
     root = _make_tree(tmp_path / "d")
     msg = _bad(tmp_path, root, extra=["--resume", str(tmp_path / "gone" / "checkpoint-latest.ckpt")])

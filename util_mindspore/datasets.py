@@ -29,7 +29,11 @@ def pil_loader(path):
     (same pixels, ~0.4 ms for 1024x1024)."""
     with open(path, 'rb') as f:
         img = Image.open(f)
-        img.load()
+        try:
+            img.load()
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DatasetError(f'unreadable image {path}: {type(e).__name__}: {e}. Remove or replace the file; '
+                               f'checkpoints already written are kept (--resume continues from the latest)') from e
         return img if img.mode == 'RGB' else img.convert('RGB')
 
 
@@ -215,26 +219,24 @@ def check_data_layout(data_path, nb_classes=None, need=('train', 'val', 'test'))
     return ref
 
 
-def _has_jpeg_end(path):
-    with open(path, 'rb') as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - 4096))
-        return b'\xff\xd9' in f.read()
-
-
 def check_image(path):
-    """None if ``path`` decodes, else a short reason. Header + verify(); full decode only when the
-    cheap checks cannot vouch for the data (JPEG without end marker, formats verify() ignores)."""
+    """None if ``path`` decodes, else a short reason.
+
+    Header + verify() (PNG: every chunk's CRC), then a decode: JPEGs in libjpeg's 1/8-scale draft
+    mode, which still Huffman-decodes every block, so damage inside the compressed data is found
+    (an end-marker check passed JPEGs that then failed to load mid-epoch) at ~3 ms for a 1024x1024
+    image instead of ~4 ms; PNGs are vouched for by their CRCs; other formats are fully decoded."""
     try:
         if os.path.getsize(path) == 0:
             return 'zero-byte file'
         with Image.open(path) as img:
             fmt = img.format
             img.verify()  # PNG: walks every chunk and checks CRCs
-        if fmt == 'PNG' or (fmt == 'JPEG' and _has_jpeg_end(path)):
+        if fmt == 'PNG':
             return None
         with Image.open(path) as img:
+            if fmt == 'JPEG':
+                img.draft(img.mode, (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
             img.load()
         return None
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
