@@ -79,7 +79,8 @@ def get_args_parser():
     g.add_argument("--finetune", default="", type=str,
                    help="Pre-trained weights: a published name (RETFound_mae_natureCFP, RETFound_mae_natureOCT, "
                         "RETFound_mae_meh, RETFound_mae_shanghai, RETFound_dinov2_meh, RETFound_dinov2_shanghai) "
-                        "downloaded from huggingface.co/YukunZhou, or a local .pth/.ckpt/.safetensors")
+                        "or any other NAME of huggingface.co/YukunZhou/NAME (downloaded, as the original), "
+                        "or a local .pth/.ckpt/.safetensors")
     g.add_argument("--task", default="", type=str, help="Task name for logging/output grouping")
     g.add_argument("--adaptation", default="finetune", choices=["finetune", "lp"],
                    help="finetune = full fine-tune, lp = linear probe (train head only)")

@@ -81,7 +81,7 @@ class _Hub(http.server.BaseHTTPRequestHandler):
 def hub(tmp_path):
     data = _tiny_pth_bytes(tmp_path)
     _Hub.files = {f'/YukunZhou/{n}/resolve/main/{n}.pth': data
-                  for n in ('RETFound_mae_meh', 'RETFound_mae_natureCFP')}
+                  for n in ('RETFound_mae_meh', 'RETFound_mae_natureCFP', 'RETFound_mae_later')}
     _Hub.files['/YukunZhou/RETFound_dinov2_meh/resolve/main/README.md'] = b'no weights here'
     _Hub.gated = {'YukunZhou/RETFound_mae_natureCFP'}
     _Hub.log = []
@@ -135,6 +135,20 @@ def test_download_gated_missing_and_token(hub, tmp_path):
     res = _run(['RETFound_mae_natureCFP'], {'HF_ENDPOINT': endpoint, 'HF_TOKEN': TOKEN}, tmp_path)
     assert bytes.fromhex(res['RETFound_mae_natureCFP']['bytes']) == data
     assert ('HEAD', '/YukunZhou/RETFound_mae_meh/resolve/main/RETFound_mae_meh.pth') in _Hub.log
+
+
+@pytest.mark.torch
+def test_any_bare_name_is_fetched_from_yukunzhou_as_the_original(hub, tmp_path):
+    """The original downloads YukunZhou/<NAME>/<NAME>.pth for any --finetune NAME, not only the six
+    it documents (a later release works without a new port); a name that is neither on the Hub nor
+    a file says so, listing the published names."""
+    endpoint, data = hub
+    res = _run(['RETFound_mae_later', 'RETFound_mae_typo'], {'HF_ENDPOINT': endpoint}, tmp_path)
+    assert bytes.fromhex(res['RETFound_mae_later']['bytes']) == data
+    err = res['RETFound_mae_typo']['error']
+    assert 'YukunZhou/RETFound_mae_typo was not found' in err and 'nor an existing file' in err
+    assert 'RETFound_mae_natureCFP' in err and 'local .pth' in err
+    assert ('HEAD', '/YukunZhou/RETFound_mae_typo/resolve/main/RETFound_mae_typo.pth') in _Hub.log
 
 
 def _prepare_cache(root, name, data):

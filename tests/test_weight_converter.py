@@ -282,8 +282,9 @@ def test_finetune_errors(tmp_path):
     import torch
     model = _tiny()
     with pytest.raises(WeightLoadError) as e:
-        load_pretrained(model, 'RETFound_mae_nowhere', 'RETFound_mae', cache_dir=None)
+        load_pretrained(model, str(tmp_path / 'nowhere.pth'), 'RETFound_mae', cache_dir=None)
     assert all(n in str(e.value) for n in PUBLISHED_WEIGHTS) and 'neither' in str(e.value)
+    # (a bare name that is no file is fetched from YukunZhou/<name>, as the original: test_hf_download.py)
     torch.save({'state_dict': _mae_pretrain_sd(), 'epoch': 1}, tmp_path / 'x.pth')
     with pytest.raises(WeightLoadError, match=r"no 'model' entry .*keys: state_dict, epoch"):
         load_pretrained(model, str(tmp_path / 'x.pth'), 'RETFound_mae', cache_dir=None)

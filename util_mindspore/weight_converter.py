@@ -53,27 +53,43 @@ _HF_ADVICE = ("run 'hf auth login' (or set HF_TOKEN) after accepting the terms o
               "set HF_ENDPOINT to use a mirror, or pass a local .pth path to --finetune")
 
 
+_WEIGHT_FILE_SUFFIXES = ('.pth', '.pt', '.ckpt', '.safetensors', '.bin')
+
+
+def _hub_name(finetune):
+    """True for a --finetune value the original would fetch as YukunZhou/<NAME>/<NAME>.pth: a bare
+    name (no folder, no weight-file suffix) that is not an existing file."""
+    return (re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9_.-]{0,95}', finetune) is not None
+            and not finetune.lower().endswith(_WEIGHT_FILE_SUFFIXES) and not os.path.exists(finetune))
+
+
 def resolve_finetune(finetune):
-    """NAME of a published checkpoint -> path in the Hugging Face cache (downloaded if needed);
-    an existing file -> itself. Returns (path, display_name)."""
-    if finetune in PUBLISHED_WEIGHTS:
+    """NAME -> path in the Hugging Face cache (downloaded from YukunZhou/NAME if needed), as the
+    original does for any name (the six of PUBLISHED_WEIGHTS, or a later release); an existing
+    file -> itself. Returns (path, display_name)."""
+    if finetune in PUBLISHED_WEIGHTS or _hub_name(finetune):
         from huggingface_hub import hf_hub_download
         from huggingface_hub import errors as hfe
         repo = f'YukunZhou/{finetune}'
+        # a name the authors have not published (as far as this port knows) may also be a typo of
+        # a file name: say both
+        unknown = ('' if finetune in PUBLISHED_WEIGHTS else
+                   f" ('{finetune}' is not one of the published checkpoints {', '.join(PUBLISHED_WEIGHTS)}, "
+                   f"nor an existing file)")
         print(f'Downloading pre-trained weights from Hugging Face Hub: {repo}')
         try:
             return hf_hub_download(repo_id=repo, filename=f'{finetune}.pth'), finetune
         except hfe.GatedRepoError as e:
             raise WeightLoadError(f'repo {repo} is gated and this machine is not authorised: {_HF_ADVICE}') from e
         except hfe.RepositoryNotFoundError as e:
-            raise WeightLoadError(f'repo {repo} was not found (or is private) at the Hub endpoint: '
+            raise WeightLoadError(f'repo {repo} was not found (or is private) at the Hub endpoint{unknown}: '
                                   f'{_HF_ADVICE}') from e
         except hfe.RemoteEntryNotFoundError as e:
             raise WeightLoadError(f'file {finetune}.pth was not found in repo {repo}: pass a local .pth '
                                   f'path to --finetune') from e
         except (hfe.LocalEntryNotFoundError, hfe.OfflineModeIsEnabled, ConnectionError, OSError) as e:
             raise WeightLoadError(f'could not download {repo}/{finetune}.pth and it is not in the local '
-                                  f'Hugging Face cache (offline, no network, or HF_HUB_OFFLINE=1): '
+                                  f'Hugging Face cache (offline, no network, or HF_HUB_OFFLINE=1){unknown}: '
                                   f'{_HF_ADVICE} ({type(e).__name__}: {(str(e).splitlines() or [""])[0]})') from e
     if os.path.isfile(finetune):
         return finetune, os.path.splitext(os.path.basename(finetune))[0]
