@@ -355,8 +355,8 @@ def main(args):
         except WeightLoadError as e:
             raise SystemExit(f"Pre-trained weights: {e}")
     elif args.model in ("RETFound_dinov2", "Dinov2") and not args.eval and not args.resume:
-        print("WARNING: the original starts --model %s from timm's ImageNet DINOv2 weights when --finetune "
-              "is empty; this port does not download them. Pass --finetune NAME|PATH to start from "
+        print("WARNING: the original starts --model %s from timm's DINOv2 weights (LVD-142M, tag .lvd142m) "
+              "when --finetune is empty; this port does not download them. Pass --finetune NAME|PATH to start from "
               "pre-trained weights; training now starts from random initialisation." % args.model)
 
     # ---- Per-rank random streams from here on (drop path, Mixup), as the original's seed + rank

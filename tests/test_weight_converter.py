@@ -291,8 +291,12 @@ def test_finetune_errors(tmp_path):
     with pytest.raises(WeightLoadError, match=r"no 'teacher' entry"):
         load_pretrained(model, str(tmp_path / 'x.pth'), 'RETFound_dinov2', cache_dir=None)
     torch.save({'teacher': _mae_pretrain_sd()}, tmp_path / 't.pth')
-    with pytest.raises(WeightLoadError, match='--model RETFound_dinov2'):
+    with pytest.raises(WeightLoadError, match="under 'teacher' .*--model RETFound_dinov2"):
         load_pretrained(model, str(tmp_path / 't.pth'), 'Dinov2', cache_dir=None)
+    torch.save({'model': _mae_pretrain_sd(), 'epoch': 1}, tmp_path / 'm.pth')
+    with pytest.raises(WeightLoadError, match="under 'model' .*--model RETFound_mae") as e:
+        load_pretrained(model, str(tmp_path / 'm.pth'), 'Dinov2', cache_dir=None)
+    assert 'RETFound_dinov2' not in str(e.value)
     # another architecture: deeper and wider than the model
     torch.save({'model': _mae_pretrain_sd(embed_dim=48, depth=3, num_heads=3)}, tmp_path / 'big.pth')
     with pytest.raises(WeightLoadError) as e:

@@ -124,9 +124,15 @@ def _select_entry(checkpoint, model_name, path):
             f"'model' (--model RETFound_mae), DINOv2 ones under 'teacher' (--model RETFound_dinov2)")
     if not _is_state_dict(sd):
         bad = [k for k, v in sd.items() if not isinstance(v, np.ndarray)][:10]
+        hint = []
+        if isinstance(sd.get('model'), dict):
+            hint.append("its weights are under 'model' (an MAE checkpoint): use --model RETFound_mae")
+        if isinstance(sd.get('teacher'), dict):
+            hint.append("its weights are under 'teacher' (a RETFound DINOv2 checkpoint): use --model RETFound_dinov2")
         raise WeightLoadError(f"{path}: entry {entry} is not a state dict of tensors (non-tensor keys: "
-                              f"{', '.join(map(str, bad))}); for RETFound DINOv2 checkpoints use "
-                              f"--model RETFound_dinov2")
+                              f"{', '.join(map(str, bad))})"
+                              + ('; ' + '; '.join(hint) if hint else
+                                 "; --model Dinov2 takes a plain state dict (timm/DINOv2 backbone weights)"))
     return entry, sd
 
 
@@ -319,8 +325,6 @@ def load_pretrained(model, finetune, model_name, cache_dir='./weights_cache', rn
 
     Returns a summary dict; raises WeightLoadError with an actionable message on any problem.
     """
-    if verbose:
-        print(f'Preparing to load pre-trained weights: {finetune}')
     sd, info = _load_backbone(finetune, model_name, cache_dir)
     sd, removed, interp = _prepare_for_model(model, sd)  # on a copy: the cached dict stays generic
     missing, unexpected = _account(_param_shapes(model), sd, info['source'],
@@ -339,7 +343,9 @@ def load_pretrained(model, finetune, model_name, cache_dir='./weights_cache', rn
                                                                             interp[1], interp[1]))
     if verbose:
         print(f"Loaded pre-trained checkpoint from: {info['source']}\n"
-              f"  entry: {info['entry']}   cache: {info['cache']} ({'hit' if info['cache_hit'] else 'written'})\n"
+              f"  entry: {info['entry']}   cache: "
+              + (f"{info['cache']} ({'hit' if info['cache_hit'] else 'written'})" if info['cache'] else 'off')
+              + "\n"
               f"  loaded {loaded}/{len(params)} model tensors; head re-initialised (trunc_normal std 2e-5)\n"
               f"  missing (kept fresh init): {_fmt_keys(missing) or '-'}\n"
               f"  unexpected (dropped): {_fmt_keys(unexpected) or '-'}\n"
