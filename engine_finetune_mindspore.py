@@ -155,6 +155,7 @@ class Stepper:
         self.optimizer = optimizer
         self.accum_iter = int(accum_iter)
         self.loss_scaler = loss_scaler
+        self.clip_grad = clip_grad
         net = NetWithLoss(model, soft_targets=soft_targets, loss_scaler=loss_scaler)
         if self.accum_iter == 1:
             self.train_step = TrainStep(net, optimizer, clip_grad, grad_reducer)
@@ -192,7 +193,23 @@ class Stepper:
 def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, epoch: int, loss_scaler=None,
                     max_norm: float = 0, mixup_fn: Optional[object] = None, log_writer=None, args=None,
                     stepper: Stepper = None):
-    """Train the model for one epoch (same arguments as the original, plus the compiled ``stepper``)."""
+    """Train the model for one epoch (the original's arguments, plus the compiled ``stepper``).
+
+    The loss and the gradient clipping are compiled into ``stepper`` (Stepper(model, optimizer,
+    accum_iter, clip_grad, soft_targets=Mixup on)): cross-entropy, soft-target cross-entropy under
+    Mixup/CutMix, as the original's criterion computes. ``criterion`` must therefore be None (a
+    loss passed here would be ignored, so it is refused) and ``max_norm`` 0/None or the stepper's."""
+    if stepper is None:
+        raise TypeError('train_one_epoch needs stepper=Stepper(model, optimizer, accum_iter=..., clip_grad=..., '
+                        'soft_targets=mixup_fn is not None): the compiled train step, built once and reused '
+                        '(see main_finetune_mindspore.py)')
+    if criterion is not None:
+        raise ValueError(f'train_one_epoch: criterion={type(criterion).__name__} would be ignored: the loss is '
+                         'compiled into the Stepper (cross-entropy; soft-target cross-entropy with Mixup/CutMix, '
+                         'as the original). Pass criterion=None; another loss needs another NetWithLoss')
+    if max_norm and max_norm != stepper.clip_grad:
+        raise ValueError(f'train_one_epoch: max_norm={max_norm} differs from the Stepper\'s clip_grad='
+                         f'{stepper.clip_grad}; gradient clipping is compiled into the Stepper')
     model.set_train(True)
     metric_logger = misc.MetricLogger(delimiter="  ")
     metric_logger.add_meter('lr', misc.SmoothedValue(window_size=1, fmt='{value:.6f}'))

@@ -114,6 +114,25 @@ class _Loader:
         return iter(self.batches)
 
 
+@pytest.mark.torch
+def test_train_one_epoch_refuses_what_it_would_ignore():
+    """The loss and the clipping are compiled into the Stepper: a criterion or a different
+    max_norm passed as in the original's call would silently do nothing, so they are refused, and
+    a missing stepper says what to pass."""
+    import torch
+    args = SimpleNamespace(accum_iter=1, lr=1e-3, min_lr=1e-6, warmup_epochs=1, epochs=2)
+    batches = _Loader([(np.zeros((2, 3, 32, 32), np.float32), np.zeros(2, np.int32))])
+    m, o = _model_and_opt()
+    with pytest.raises(TypeError, match='needs stepper=Stepper'):
+        train_one_epoch(m, None, batches, o, 'CPU', 0, None, None, None, args=args)
+    s = Stepper(m, o, accum_iter=1, clip_grad=1.0)
+    with pytest.raises(ValueError, match='criterion=CrossEntropyLoss would be ignored'):
+        train_one_epoch(m, torch.nn.CrossEntropyLoss(label_smoothing=0.1), batches, o, 'CPU', 0, None, 1.0,
+                        None, args=args, stepper=s)
+    with pytest.raises(ValueError, match="max_norm=5.0 differs from the Stepper's clip_grad=1.0"):
+        train_one_epoch(m, None, batches, o, 'CPU', 0, None, 5.0, None, args=args, stepper=s)
+
+
 def test_non_finite_loss_stops_the_run(capsys):
     x = np.full((4, 3, 32, 32), np.nan, dtype=np.float32)
     y = np.zeros(4, dtype=np.int32)
