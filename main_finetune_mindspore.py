@@ -317,6 +317,8 @@ def main(args):
         n_bad = scan_images(list(datasets.values()), skip_bad=args.skip_bad_images)
     except DatasetError as e:
         raise SystemExit(f"Data error: {e}")
+    except (ValueError, NotImplementedError) as e:  # the augmentation flags (--aa, --remode, ...)
+        raise SystemExit(f"Augmentation settings: {e}")
     if n_bad:
         print(f"Skipped {n_bad} unreadable image(s) (--skip_bad_images)")
 

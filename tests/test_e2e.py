@@ -356,6 +356,15 @@ def test_training_resume_from_a_missing_or_corrupt_checkpoint(tmp_path):
     assert msg.startswith("--resume:") and "truncated" in msg
 
 
+@pytest.mark.parametrize("flag,value,expect", [("--remode", "gaussian", "--remode must be 'pixel', 'rand' or 'const'"),
+                                                ("--aa", "v0", "only RandAugment")])
+def test_bad_augmentation_flags_fail_before_the_model_is_built(tmp_path, flag, value, expect):
+    """As timm's constructors assert at build_dataset time, not at the first training image."""
+    root = _make_tree(tmp_path / "d")
+    msg = _bad(tmp_path, root, extra=[flag, value])
+    assert msg.startswith("Augmentation settings:") and expect in msg
+
+
 def test_dinov2_needs_a_dinov2_model_arch(tmp_path):
     root = _make_tree(tmp_path / "d")
     msg = _main_exit(["--model", "Dinov2", "--input_size", "224", "--nb_classes", "2", "--device", "CPU",

@@ -173,6 +173,9 @@ class TrainTransform:
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
         self.mean, self.std = tuple(mean), tuple(std)
         self.re_prob, self.re_mode, self.re_count = re_prob, re_mode, re_count
+        if re_prob > 0 and (re_mode or 'const').lower() not in ('pixel', 'rand', 'const'):
+            # at build time, as timm's RandomErasing.__init__ asserts (not at the first image)
+            raise ValueError(f"--remode must be 'pixel', 'rand' or 'const', got {re_mode!r}")
         aa = auto_augment
         if isinstance(aa, str) and aa.strip().lower() in ('', 'none'):
             aa = None  # the original (timm) crashes on 'none'; we treat it as "off"
