@@ -116,7 +116,7 @@ def test_rand_augment_op_matches_timm(monkeypatch, name, magnitude, sign_draw):
     ref = np.asarray(op(img), dtype=np.int16)
     got = np.asarray(ours_aa.apply_op(img, name, magnitude, _FixedRng(sign_draw), hp), dtype=np.int16)
     assert got.shape == ref.shape
-    assert np.abs(got - ref).max() <= 1, name
+    assert np.array_equal(got, ref), name  # bit-exact: same PIL calls with the same arguments
 
 
 def test_posterize_zero_bits_is_black():
@@ -205,6 +205,67 @@ def test_train_transform_flags():
         assert t.rand_augment is None and t.color_jitter == (0.4, 0.4, 0.4)
     with pytest.raises(NotImplementedError):
         TrainTransform(32, auto_augment='original')
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize('jitter', [None, 0.4], ids=['plain', 'color_jitter'])
+def test_train_transform_replays_torchvision_ops(jitter):
+    """With RandAugment off (and random erasing off), TrainTransform is torchvision's ops with the
+    same draws, bit for bit: resized_crop with BICUBIC, hflip when rand < 0.5, ColorJitter's
+    brightness/contrast/saturation in its random order, ToTensor + Normalize. The draws are replayed
+    from a copy of the generator in the order TrainTransform makes them; what is checked is that
+    every step is torchvision's operation with timm's arguments."""
+    import copy
+    import torch
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+    img = _rand_rgb(90, 130, seed=3)
+    t = TrainTransform(48, auto_augment='none', color_jitter=jitter, re_prob=0.0)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    flips = set()
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        replay = copy.deepcopy(rng)
+        got = t(img, rng)
+        top, left, h, w = rrc_params(img.size[0], img.size[1], replay)
+        ref = TF.resized_crop(img, top, left, h, w, [48, 48], interpolation=InterpolationMode.BICUBIC)
+        flip = replay.random() < 0.5
+        flips.add(flip)
+        if flip:
+            ref = TF.hflip(ref)
+        if jitter is not None:
+            adjust = {0: TF.adjust_brightness, 1: TF.adjust_contrast, 2: TF.adjust_saturation}
+            for k in replay.permutation(4):
+                if k != 3:
+                    ref = adjust[int(k)](ref, replay.uniform(1 - jitter, 1 + jitter))
+        ref = TF.normalize(TF.to_tensor(ref), mean, std).numpy()
+        assert got.dtype == np.float32 and np.array_equal(got, ref), seed
+    assert flips == {True, False}
+
+
+@pytest.mark.torch
+def test_train_transform_rand_augment_is_the_originals():
+    """The RandAugment that TrainTransform builds for the original's default --aa has timm's ops,
+    magnitudes, probabilities and op arguments (fill colour, BICUBIC resampling) as the original's
+    timm create_transform(..., interpolation='bicubic') builds them."""
+    from timm.data import create_transform
+    from timm.data.auto_augment import RandAugment as TimmRandAugment
+    aa = 'rand-m9-mstd0.5-inc1'
+    ref = create_transform(224, is_training=True, color_jitter=None, auto_augment=aa, interpolation='bicubic',
+                           re_prob=0.25, re_mode='pixel', re_count=1, mean=(0.485, 0.456, 0.406),
+                           std=(0.229, 0.224, 0.225))
+    ref_ra = [tr for tr in ref.transforms if isinstance(tr, TimmRandAugment)]
+    assert len(ref_ra) == 1
+    ref_ra = ref_ra[0]
+    ours = TrainTransform(224, auto_augment=aa, re_prob=0.25, re_mode='pixel').rand_augment
+    assert ours.names == [op.name for op in ref_ra.ops]
+    assert ours.num_layers == ref_ra.num_layers
+    for op in ref_ra.ops:
+        assert (ours.prob, ours.magnitude, ours.magnitude_std) == (op.prob, op.magnitude, op.magnitude_std)
+        assert ours.magnitude_max == op.magnitude_max  # None: clipped at 10 (_LEVEL_DENOM)
+        assert ours.hparams['translate_const'] == op.hparams['translate_const']
+        assert ours.hparams['img_mean'] == op.kwargs['fillcolor']
+        assert ours.hparams['interpolation'] == op.kwargs['resample'] == Image.BICUBIC
 
 
 def test_train_transform_deterministic_per_rng():
