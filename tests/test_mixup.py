@@ -65,19 +65,30 @@ def test_batch_mode_exact_for_given_draws(monkeypatch, use_cutmix):
 
 @pytest.mark.torch
 @pytest.mark.parametrize('mode', ['pair', 'elem'])
-def test_pair_elem_modes_exact_for_given_draws(monkeypatch, mode):
+@pytest.mark.parametrize('with_cutmix', [False, True], ids=['mixup', 'mixup_and_cutmix'])
+def test_pair_elem_modes_exact_for_given_draws(monkeypatch, mode, with_cutmix):
     import torch
-    t, o = _pair(monkeypatch, mixup_alpha=0.8, cutmix_alpha=0.0, mode=mode, label_smoothing=0.1)
+    import timm.data.mixup as tm
+    t, o = _pair(monkeypatch, mixup_alpha=0.8, cutmix_alpha=1.0 if with_cutmix else 0.0, mode=mode,
+                 label_smoothing=0.1)
     n = B // 2 if mode == 'pair' else B
     lam = np.array([0.3, 1.0, 0.8, 0.55, 1.0, 0.1][:n], dtype=np.float32)
+    cut = np.array([True, False, True, False, True, True][:n]) if with_cutmix else np.zeros(n, bool)
     for m in (t, o):
-        monkeypatch.setattr(m, '_params_per_elem', lambda bs: (lam.copy(), np.zeros(bs, bool)))
+        monkeypatch.setattr(m, '_params_per_elem', lambda bs: (lam.copy(), cut.copy()))
+    box = (np.int64(1), np.int64(7), np.int64(4), np.int64(13))  # (yl, yh, xl, xh): the corrected lambda
+    monkeypatch.setattr(tm, 'rand_bbox', lambda *a, **k: box)
+    monkeypatch.setattr(ours, 'rand_bbox', lambda *a, **k: box)
     x, y = _batch(3)
     xt, yt = t(torch.from_numpy(x.copy()), torch.from_numpy(y))
     xo, yo = o(x.copy(), y)
     assert yo.dtype == np.float32 and yo.shape == (B, NC)
     assert np.array_equal(yo, yt.numpy())
     assert np.abs(xo - xt.numpy()).max() <= 1e-6
+    if with_cutmix:  # the cut elements' lambda is the box-corrected one, 1 - 6 * 9 / (H * W)
+        eff = np.where(cut & (lam != 1), np.float32(1 - 6 * 9 / (H * W)), lam).astype(np.float32)
+        eff = np.concatenate([eff, eff[::-1]]) if mode == 'pair' else eff
+        assert np.allclose(yo, mixup_target(y, NC, eff.reshape(-1, 1), 0.1), atol=1e-6)
 
 
 @pytest.mark.torch
