@@ -30,7 +30,8 @@ demo: $(VENV)/.installed
 	    --data_path demo_data --task demo_eval --output_dir $(DEMO_OUT) --batch_size 8 --num_workers 2 \
 	    --device CPU --eval --resume $(DEMO_OUT)/demo/checkpoint-best.ckpt
 	@echo "Demo results: $(DEMO_OUT)/demo/ (checkpoint-best.ckpt, log.txt, metrics_val.csv, metrics_test.csv,"
-	@echo "  confusion_matrix_test.jpg, roc_curves_test.png, training_curves.png); TensorBoard: output_logs/demo"
+	@echo "  confusion_matrix_test.jpg, roc_curves_test.png, training_curves.png); TensorBoard: output_logs/demo;"
+	@echo "  the --eval re-run of the best checkpoint: $(DEMO_OUT)/demo_eval/"
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
