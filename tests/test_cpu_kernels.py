@@ -145,6 +145,122 @@ def test_softmax_matches_torch(mode):
 
 @pytest.mark.torch
 @pytest.mark.parametrize("mode", MODES)
+def test_softmax_and_attention_propagate_nan_and_inf_as_torch(mode):
+    """A NaN or Inf score gives NaN as in torch (a diverging run must not look finite): the
+    AVX-512 exp used to clamp NaN to -87, which made NaN scores ~0 probabilities and an Inf score
+    a uniform row."""
+    import torch
+    x = np.zeros((4, 37), np.float32)
+    x[0, 3] = np.nan
+    x[1, 5] = np.inf
+    x[2, :] = -np.inf
+    x[3, :] = np.linspace(-3, 3, 37)
+    with ms_mode(mode):
+        got = _Apply(K.softmax_op())(ms.Tensor(x)).asnumpy()
+        b, n, heads, hd = 1, 5, 2, 4
+        qkv = np.random.RandomState(0).standard_normal((b, n, 3 * heads * hd)).astype(np.float32)
+        qkv[0, 2, 0] = np.inf  # a q element of head 0: its scores overflow
+        out = _Apply(K.attention_recompute_op(heads), K.scalar(hd ** -0.5), K.scalar(float(heads)))(
+            ms.Tensor(qkv)).asnumpy()
+    ref = torch.softmax(torch.from_numpy(x), -1).numpy()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    assert np.isnan(got[:3]).all() and np.isfinite(got[3]).all()
+    _close(got[3], ref[3], 1e-6, 'finite row')
+    t = torch.from_numpy(qkv).reshape(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    tout = torch.nn.functional.scaled_dot_product_attention(t[0], t[1], t[2]).transpose(1, 2).reshape(b, n, -1)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(tout.numpy()))
+    assert np.isnan(out).any()
+
+
+_EMPTY_CHILD = textwrap.dedent('''
+    import sys, numpy as np, mindspore as ms
+    sys.path.insert(0, {root!r})
+    ms.set_device("CPU")
+    from util_mindspore import cpu_kernels as K
+    assert K.enabled(), K.status()
+    T = lambda *shape: ms.Tensor(np.zeros(shape, np.float32))
+    print(K.softmax_op()(T(4, 0)).shape, K.softmax_op()(T(0, 7)).shape)
+    print(K.bias_add_op()(T(4, 0), T(0)).shape, K.row_scale_op()(T(0, 3), T(0)).shape)
+    print(K.layer_norm_op()(T(0, 8), T(8), T(8), K.scalar(1e-6))[0].shape)
+    try:
+        K.layer_norm_op()(T(2, 8), T(8), T(1), K.scalar(1e-6))[0].asnumpy()  # beta of the wrong size
+        print("no error")
+    except RuntimeError:
+        print("refused")
+    print("done")
+''')
+
+
+def test_empty_tensors_and_bad_shapes_never_crash_the_process(tmp_path):
+    """MindSpore launches custom operators on empty tensors: a division by the empty last axis
+    used to kill the process (SIGFPE); a beta of the wrong size was read out of bounds."""
+    if not K.enabled():
+        pytest.skip(K.status())
+    script = tmp_path / 'empty.py'
+    script.write_text(_EMPTY_CHILD.format(root=ROOT))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == 'done' and lines[-2] == 'refused', proc.stdout
+
+
+_FORK_CHILD = textwrap.dedent('''
+    import os, sys, numpy as np, mindspore as ms
+    sys.path.insert(0, {root!r})
+    ms.set_device("CPU")
+    from util_mindspore import cpu_kernels as K
+    assert K.enabled(), K.status()
+    import ctypes
+    lib = ctypes.CDLL(K.library_path())
+    x = ms.Tensor(np.random.RandomState(0).standard_normal((64, 197, 200)).astype(np.float32))
+    b = ms.Tensor(np.zeros(200, np.float32))
+    y = K.bias_gelu_op()(x, b).asnumpy()  # the pool's workers are running now
+    pid = os.fork()
+    if pid == 0:  # the child has no pool workers: its calls must run inline, not wait for them
+        signal_alarm = __import__("signal").alarm(60)
+        out = np.zeros((64 * 197, 200), np.float32)
+        src = np.ascontiguousarray(y.reshape(-1, 200))
+        shapes = (ctypes.c_int64 * 2)(64 * 197, 200), (ctypes.c_int64 * 2)(64 * 197, 200)
+        params = (ctypes.c_void_p * 2)(src.ctypes.data, out.ctypes.data)
+        ndims = (ctypes.c_int * 2)(2, 2)
+        shp = (ctypes.POINTER(ctypes.c_int64) * 2)(*[ctypes.cast(s, ctypes.POINTER(ctypes.c_int64)) for s in shapes])
+        dts = (ctypes.c_char_p * 2)(b"float32", b"float32")
+        rc = lib.RfSoftmaxFwd(2, params, ndims, shp, dts, None, None)
+        os._exit(0 if rc == 0 and np.allclose(out.sum(-1), 1, atol=1e-4) else 3)
+    _, status = os.waitpid(pid, 0)
+    print("child", os.waitstatus_to_exitcode(status))
+''')
+
+
+def test_a_forked_child_runs_the_kernels_inline(tmp_path):
+    """fork() copies only the calling thread: a child that calls a kernel must not wait forever
+    for pool workers it does not have (it used to hang)."""
+    if not K.enabled():
+        pytest.skip(K.status())
+    script = tmp_path / 'fork.py'
+    script.write_text(_FORK_CHILD.format(root=ROOT))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'child 0' in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+def test_the_temporary_build_folder_must_be_private(tmp_path):
+    shared = tmp_path / 'shared'
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(OSError, match='not a private folder'):
+        K._check_private(str(shared))
+    link = tmp_path / 'link'
+    link.symlink_to(shared)
+    with pytest.raises(OSError, match='not a private folder'):
+        K._check_private(str(link))
+    mine = tmp_path / 'mine'
+    mine.mkdir(mode=0o700)
+    K._check_private(str(mine))
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("mode", MODES)
 def test_qkv_split_matches_timm_reshape_permute(mode):
     import torch
     rs = np.random.RandomState(4)

@@ -20,6 +20,7 @@ import ctypes
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -84,6 +85,14 @@ def _cache_root():
     return os.path.join(base, 'retfound_mindspore', 'kernels')
 
 
+def _check_private(folder):
+    """Refuse a shared-temporary-directory folder that is a link, not ours, or writable by others."""
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise OSError(f'{folder} is not a private folder of this user (a link, another owner, or writable '
+                      f'by others); set {ENV_CACHE} to a folder of your own')
+
+
 def _build(cxx):
     with open(SOURCE, 'rb') as f:
         src = f.read()
@@ -99,12 +108,17 @@ def _build(cxx):
     except OSError:
         if os.environ.get(ENV_CACHE):
             raise  # the user's choice: report it
-        # a read-only home (containers, some clusters): build under the temporary directory instead
-        out_dir = os.path.join(tempfile.gettempdir(), f'retfound_mindspore_kernels-{os.getuid()}', key)
+        # a read-only home (containers, some clusters): build under the temporary directory instead,
+        # in a folder only this user can write (its name is predictable: another user must not be
+        # able to plant a library there for us to load)
+        base = os.path.join(tempfile.gettempdir(), f'retfound_mindspore_kernels-{os.getuid()}')
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        _check_private(base)
+        out_dir = os.path.join(base, key)
         path = os.path.join(out_dir, LIB_NAME)
         if os.path.isfile(path):
             return path
-        os.makedirs(out_dir, exist_ok=True)
+        os.makedirs(out_dir, mode=0o700, exist_ok=True)
     # Build under a private name and rename: several msrun ranks may compile at once, and a
     # half-written library must never be loaded.
     fd, tmp = tempfile.mkstemp(prefix='.build-', suffix='.so', dir=out_dir)
@@ -203,7 +217,9 @@ def frozen_weights():
     and packing it on each call; the primitive also adds the bias. The values are those of the
     GEMM path except for the summation order inside the GEMM. The packed copies (2 bytes per
     weight) are freed when the outermost block exits. Each use checks the weight's fingerprint
-    (shape and 64 sampled values): a weight changed inside the block is packed again.
+    (shape and 64 sampled values), so a weight replaced or changed in any sampled value is packed
+    again; a change that leaves all 64 sampled values equal is not seen: the block is a promise
+    that the weights do not change (evaluation does not change them).
     A no-op without the fused kernels, off CPU, or in fp32."""
     frozen, lib = _frozen, None  # (locals: a block left open at interpreter exit still closes)
     if frozen['depth'] == 0 and bf16_matmul() and enabled():

@@ -43,7 +43,9 @@
 #include <string>
 #include <system_error>
 #include <thread>
+#include <sys/types.h>
 #include <type_traits>
+#include <unistd.h>
 #include <vector>
 #if defined(__AVX512F__)
 // GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm512_undefined_*() (GCC bug 105593)
@@ -61,6 +63,13 @@ inline int64_t Numel(int nd, const int64_t *s) {
   for (int i = 0; i < nd; ++i) n *= s[i];
   return n;
 }
+
+// The last dimension; -1 for a rank-0 tensor, which every caller's shape check then rejects.
+inline int64_t LastDim(int nd, const int64_t *s) { return nd > 0 ? s[nd - 1] : -1; }
+
+// How many rows of `width` elements `total` holds: 0 for an empty row (never a division by zero:
+// MindSpore does launch operators on empty tensors).
+inline int64_t RowsOf(int64_t total, int64_t width) { return width > 0 ? total / width : 0; }
 
 inline bool IsF32(const char *dtype) { return std::strcmp(dtype, "float32") == 0 || std::strcmp(dtype, "float") == 0; }
 
@@ -106,7 +115,10 @@ class Pool {
 
   void Run(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)> &fn) {
     int64_t parts = std::min<int64_t>(threads_, (n + grain - 1) / std::max<int64_t>(grain, 1));
-    if (parts <= 1) {
+    // Inline: one part; a call nested in a pool call on this thread (a thread must not try_lock a
+    // mutex it holds); a forked child (the workers were not copied by fork(), and the parent's
+    // locks may be held in the child's copy).
+    if (parts <= 1 || in_run_ || getpid() != pid_) {
       if (n > 0) fn(0, n);
       return;
     }
@@ -115,6 +127,10 @@ class Pool {
       fn(0, n);
       return;
     }
+    struct InRun {  // set while this thread runs its part (reset on exceptions too)
+      InRun() { in_run_ = true; }
+      ~InRun() { in_run_ = false; }
+    } in_run;
     {
       std::lock_guard<std::mutex> lk(mutex_);
       fn_ = &fn;
@@ -133,7 +149,7 @@ class Pool {
   }
 
  private:
-  Pool() {
+  Pool() : pid_(getpid()) {
     int count = 0;
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof(set), &set) == 0) count = CPU_COUNT(&set);
@@ -204,6 +220,8 @@ class Pool {
     }
   }
 
+  static thread_local bool in_run_;
+  const pid_t pid_;
   int threads_ = 1;
   std::atomic<long> spin_ns_{0};
   std::mutex run_mutex_, mutex_;
@@ -213,6 +231,8 @@ class Pool {
   std::atomic<int64_t> pending_{0};
   std::atomic<uint64_t> generation_{0};
 };
+
+thread_local bool Pool::in_run_ = false;
 
 template <typename F>
 inline void ParallelFor(int64_t n, int64_t grain, F body) {
@@ -281,7 +301,10 @@ inline float GeluGradF(float v) {
 // ExpF on 16 lanes: the same steps written with AVX-512 intrinsics (the compiler's
 // auto-vectorised softmax loop ran at ~1 ns per element, this one at ~0.5).
 inline __m512 ExpV(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  // The clamp's operand order matters: max/min return their SECOND operand when either is NaN, so
+  // x goes second and a NaN stays NaN (as ExpF's std::max/std::min; max(x, c) turned NaN scores
+  // into finite probabilities, and an Inf score into a uniform softmax row).
+  x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
   const __m512 big = _mm512_set1_ps(12582912.0f);
   const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), big), big);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -571,8 +594,9 @@ const typename Precision<kBf16>::In *SavingTo(GemmInput<kBf16> &g, const float *
 // packs W again on every call, in every thread. Measured on the four ViT-L/16 Linear shapes at
 // batch 8 (x24 blocks, 2 cores): GEMM + bias 2.31 s -> 2.18 s, and the 60 ms of weight rounding per
 // forward is gone; the packed copies cost 2 bytes per weight while the block lasts.
-// Each use checks a fingerprint of the weight (shape and 64 sampled values): a weight that changed
-// is packed again. The values are those of the GEMM path (bf16 inputs rounded to nearest even, fp32
+// Each use checks a fingerprint of the weight (shape and 64 sampled values): a weight replaced or
+// changed in a sampled value is packed again (a change that leaves all 64 equal is not seen: the
+// frozen block promises that weights do not change). The values are those of the GEMM path (bf16 inputs rounded to nearest even, fp32
 // accumulation, fp32 bias and output); only the summation order inside the GEMM differs.
 // The subset of oneDNN's v3 C API used, resolved at run time like the GEMMs; the constants are the
 // values of dnnl_types.h (plain layouts are given by strides, so no layout tag but "any" is used).
@@ -799,7 +823,7 @@ struct PackedWeight {
 uint64_t Fingerprint(const float *w, int64_t n, int64_t k) {
   uint64_t h = 1469598103934665603ull ^ static_cast<uint64_t>(n) * 31 ^ static_cast<uint64_t>(k);
   const int64_t total = n * k;
-  for (int i = 0; i < 64; ++i) {
+  for (int i = 0; i < 64 && total > 0; ++i) {
     const int64_t idx = (total - 1) * i / 63;
     h = (h ^ __builtin_bit_cast(uint32_t, w[idx])) * 1099511628211ull;
   }
@@ -970,8 +994,8 @@ int LinearFwd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   const float *b = static_cast<const float *>(params[2]);
   float *y = static_cast<float *>(params[3]);
   const int64_t n = shapes[1][0], k = shapes[1][1];
-  if (ndims[1] != 2 || shapes[0][ndims[0] - 1] != k || Numel(ndims[2], shapes[2]) != n) return 2;
-  const int64_t m = Numel(ndims[0], shapes[0]) / k;
+  if (ndims[1] != 2 || k <= 0 || LastDim(ndims[0], shapes[0]) != k || Numel(ndims[2], shapes[2]) != n) return 2;
+  const int64_t m = RowsOf(Numel(ndims[0], shapes[0]), k);
   if (kSave && Numel(ndims[4], shapes[4]) != m * k) return 2;
   GemmInput<kBf16> xg, wg;
   const auto *xi = SavingTo<kBf16, kSave>(xg, x, kSave ? params[4] : nullptr, m * k);
@@ -995,8 +1019,9 @@ int LinearBwd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   float *dw = static_cast<float *>(params[4]);
   float *db = static_cast<float *>(params[5]);
   const int64_t n = shapes[1][0], k = shapes[1][1];
-  if (ndims[1] != 2 || shapes[0][ndims[0] - 1] != k || shapes[2][ndims[2] - 1] != n) return 2;
-  const int64_t m = Numel(ndims[0], shapes[0]) / k;
+  if (ndims[1] != 2 || LastDim(ndims[0], shapes[0]) != k || LastDim(ndims[2], shapes[2]) != n) return 2;
+  const int64_t m = RowsOf(Numel(ndims[0], shapes[0]), k);
+  if (k <= 0 || Numel(ndims[2], shapes[2]) != m * n) return 2;
   ColSum(dy, m, n, db);
   GemmInput<kBf16> xg, wg, gg;
   const auto *xi = SavedOr<kBf16, kSaved>(xg, params[0], m * k);
@@ -1014,9 +1039,9 @@ int BiasMap(int nparam, void **params, int *ndims, int64_t **shapes, const char 
   const float *x = static_cast<const float *>(params[0]);
   const float *b = static_cast<const float *>(params[1]);
   float *y = static_cast<float *>(params[2]);
-  const int64_t cols = shapes[0][ndims[0] - 1];
-  if (Numel(ndims[1], shapes[1]) != cols) return 2;
-  const int64_t rows = Numel(ndims[0], shapes[0]) / cols;
+  const int64_t cols = LastDim(ndims[0], shapes[0]);
+  if (cols < 0 || Numel(ndims[1], shapes[1]) != cols) return 2;
+  const int64_t rows = RowsOf(Numel(ndims[0], shapes[0]), cols);
   ParallelFor(rows, 8, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const float *xi = x + i * cols;
@@ -1089,9 +1114,9 @@ int RfBiasGrad(int nparam, void **params, int *ndims, int64_t **shapes, const ch
   if (nparam != 2 || !AllF32(nparam, dtypes)) return 1;
   const float *dy = static_cast<const float *>(params[0]);
   float *db = static_cast<float *>(params[1]);
-  const int64_t cols = shapes[0][ndims[0] - 1];
-  if (Numel(ndims[1], shapes[1]) != cols) return 2;
-  ColSum(dy, Numel(ndims[0], shapes[0]) / cols, cols, db);
+  const int64_t cols = LastDim(ndims[0], shapes[0]);
+  if (cols < 0 || Numel(ndims[1], shapes[1]) != cols) return 2;
+  ColSum(dy, RowsOf(Numel(ndims[0], shapes[0]), cols), cols, db);
   return 0;
 }
 
@@ -1108,9 +1133,10 @@ int RfBiasGeluBwd(int nparam, void **params, int *ndims, int64_t **shapes, const
   const float *dy = static_cast<const float *>(params[2]);
   float *dx = static_cast<float *>(params[3]);
   float *db = static_cast<float *>(params[4]);
-  const int64_t cols = shapes[0][ndims[0] - 1];
-  if (Numel(ndims[1], shapes[1]) != cols) return 2;
-  const int64_t rows = Numel(ndims[0], shapes[0]) / cols;
+  const int64_t cols = LastDim(ndims[0], shapes[0]);
+  if (cols < 0 || Numel(ndims[1], shapes[1]) != cols || Numel(ndims[2], shapes[2]) != Numel(ndims[0], shapes[0]))
+    return 2;
+  const int64_t rows = RowsOf(Numel(ndims[0], shapes[0]), cols);
   ParallelFor(rows, 8, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const float *xi = x + i * cols;
@@ -1135,9 +1161,11 @@ int RfLayerNormFwd(int nparam, void **params, int *ndims, int64_t **shapes, cons
   float *y = static_cast<float *>(params[4]);
   float *mean = static_cast<float *>(params[5]);
   float *rstd = static_cast<float *>(params[6]);
-  const int64_t d = shapes[0][ndims[0] - 1];
-  const int64_t rows = Numel(ndims[0], shapes[0]) / d;
-  if (Numel(ndims[1], shapes[1]) != d || Numel(ndims[5], shapes[5]) != rows) return 2;
+  const int64_t d = LastDim(ndims[0], shapes[0]);
+  const int64_t rows = RowsOf(Numel(ndims[0], shapes[0]), d);
+  if (d < 0 || Numel(ndims[1], shapes[1]) != d || Numel(ndims[2], shapes[2]) != d || Numel(ndims[3], shapes[3]) < 1 ||
+      Numel(ndims[5], shapes[5]) != rows || Numel(ndims[6], shapes[6]) != rows)
+    return 2;
   ParallelFor(rows, 8, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const float *xi = x + i * d;
@@ -1170,9 +1198,11 @@ int RfLayerNormBwd(int nparam, void **params, int *ndims, int64_t **shapes, cons
   float *dx = static_cast<float *>(params[5]);
   float *dg = static_cast<float *>(params[6]);
   float *db = static_cast<float *>(params[7]);
-  const int64_t d = shapes[0][ndims[0] - 1];
-  const int64_t rows = Numel(ndims[0], shapes[0]) / d;
-  if (Numel(ndims[1], shapes[1]) != d || Numel(ndims[2], shapes[2]) != rows) return 2;
+  const int64_t d = LastDim(ndims[0], shapes[0]);
+  const int64_t rows = RowsOf(Numel(ndims[0], shapes[0]), d);
+  if (d < 0 || Numel(ndims[1], shapes[1]) != d || Numel(ndims[2], shapes[2]) != rows ||
+      Numel(ndims[3], shapes[3]) != rows || Numel(ndims[4], shapes[4]) != Numel(ndims[0], shapes[0]))
+    return 2;
   const float inv_d = 1.0f / static_cast<float>(d);
   ParallelFor(rows, 8, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
@@ -1223,8 +1253,9 @@ int RfSoftmaxFwd(int nparam, void **params, int *ndims, int64_t **shapes, const 
   if (nparam != 2 || !AllF32(nparam, dtypes)) return 1;
   const float *x = static_cast<const float *>(params[0]);
   float *y = static_cast<float *>(params[1]);
-  const int64_t d = shapes[0][ndims[0] - 1];
-  const int64_t rows = Numel(ndims[0], shapes[0]) / d;
+  const int64_t d = LastDim(ndims[0], shapes[0]);
+  if (d < 0) return 2;
+  const int64_t rows = RowsOf(Numel(ndims[0], shapes[0]), d);
   ParallelFor(rows, 8, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) SoftmaxRow(x + i * d, y + i * d, d);
   });
@@ -1237,8 +1268,9 @@ int RfSoftmaxBwd(int nparam, void **params, int *ndims, int64_t **shapes, const 
   const float *y = static_cast<const float *>(params[0]);
   const float *dy = static_cast<const float *>(params[1]);
   float *dx = static_cast<float *>(params[2]);
-  const int64_t d = shapes[0][ndims[0] - 1];
-  const int64_t rows = Numel(ndims[0], shapes[0]) / d;
+  const int64_t d = LastDim(ndims[0], shapes[0]);
+  if (d < 0 || Numel(ndims[1], shapes[1]) != Numel(ndims[0], shapes[0])) return 2;
+  const int64_t rows = RowsOf(Numel(ndims[0], shapes[0]), d);
   ParallelFor(rows, 8, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) SoftmaxGradRow(y + i * d, dy + i * d, dx + i * d, d);
   });
@@ -1249,21 +1281,21 @@ int RfSoftmaxBwd(int nparam, void **params, int *ndims, int64_t **shapes, const 
 // RowScale(y (B, ..), s (B)) -> y * s[b] (drop path: s = mask / keep_prob; its own gradient too)
 int RfRowScale(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   if (nparam != 3 || !AllF32(nparam, dtypes)) return 1;
-  const int64_t bsz = shapes[0][0];
-  if (Numel(ndims[1], shapes[1]) != bsz) return 2;
+  const int64_t bsz = ndims[0] > 0 ? shapes[0][0] : -1;
+  if (bsz < 0 || Numel(ndims[1], shapes[1]) != bsz) return 2;
   RowScaleInto(nullptr, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
-               static_cast<float *>(params[2]), bsz, Numel(ndims[0], shapes[0]) / bsz);
+               static_cast<float *>(params[2]), bsz, RowsOf(Numel(ndims[0], shapes[0]), bsz));
   return 0;
 }
 
 // AddRowScale(x, y (B, ..), s (B)) -> x + y * s[b]: a residual connection through drop path
 int RfAddRowScale(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   if (nparam != 4 || !AllF32(nparam, dtypes)) return 1;
-  const int64_t bsz = shapes[0][0];
-  if (Numel(ndims[2], shapes[2]) != bsz || Numel(ndims[1], shapes[1]) != Numel(ndims[0], shapes[0])) return 2;
+  const int64_t bsz = ndims[0] > 0 ? shapes[0][0] : -1;
+  if (bsz < 0 || Numel(ndims[2], shapes[2]) != bsz || Numel(ndims[1], shapes[1]) != Numel(ndims[0], shapes[0])) return 2;
   RowScaleInto(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
                static_cast<const float *>(params[2]), static_cast<float *>(params[3]), bsz,
-               Numel(ndims[0], shapes[0]) / bsz);
+               RowsOf(Numel(ndims[0], shapes[0]), bsz));
   return 0;
 }
 
