@@ -10,6 +10,7 @@
 # Every MindSpore default that differs from torch is spelled out at the call site.
 # --------------------------------------------------------
 import math
+import statistics
 
 import numpy as np
 import mindspore as ms
@@ -258,6 +259,8 @@ class DropPath(nn.Cell):
     def __init__(self, drop_prob=0.):
         super().__init__()
         self.keep_prob = 1.0 - drop_prob
+        # a standard normal draw below this is a Bernoulli(keep_prob) draw (see sample_scale)
+        self.z_keep = statistics.NormalDist().inv_cdf(self.keep_prob) if 0.0 < self.keep_prob < 1.0 else None
         # CPU fp32: x * s[b] and the residual x + y * s[b] as single operators (section 0 of
         # docs/performance.md: the broadcast Mul and its gradient cost ~35 MB per call at ViT-B b8)
         self.fused = cpu_kernels.enabled()
@@ -266,10 +269,16 @@ class DropPath(nn.Cell):
 
     def sample_scale(self, x):
         """Per-sample factor mask / keep_prob, shape (B,), fp32."""
-        # timm: bernoulli_(keep_prob). ops.bernoulli has CPU/GPU/Ascend kernels; UniformReal is
-        # deprecated in 2.10 and its suggested replacement mint.rand has no CPU kernel.
-        # The draw is in fp32: the CPU Bernoulli kernel has no fp16 (--amp_level O2).
-        return ops.bernoulli(ops.ones((x.shape[0],), ms.float32), p=self.keep_prob) / self.keep_prob
+        # timm: bernoulli_(keep_prob), from torch's generator that torch.manual_seed(seed) seeds.
+        # Here mask = (N(0,1) draw < Phi^-1(keep_prob)), the same distribution, from ops.randn: of
+        # MindSpore 2.10's random operators with CPU/GPU/Ascend kernels, it is the one that follows
+        # ms.set_seed (so --seed makes runs reproducible) and is not deprecated. ops.bernoulli
+        # without a seed draws a new random seed in every process; with one, the same mask on
+        # every call. UniformReal (ops.rand, ops.uniform) is deprecated; mint.rand has no CPU kernel.
+        if self.z_keep is None:  # keep_prob 0 (always drop) or 1 (never)
+            return ops.full((x.shape[0],), 1.0 if self.keep_prob >= 1.0 else 0.0, dtype=ms.float32)
+        draw = ops.randn((x.shape[0],), dtype=ms.float32)
+        return (draw < self.z_keep).astype(ms.float32) / self.keep_prob
 
     def residual(self, x, y):
         """x + drop_path(y), the Block's residual connection."""

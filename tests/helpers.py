@@ -1,11 +1,13 @@
 """Small helpers shared by tests (no torch here)."""
 import contextlib
+import os
 
 import numpy as np
 import mindspore as ms
 
 import models_vit_mindspore as models
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
 
 

@@ -335,6 +335,49 @@ def test_drop_path_is_per_sample_and_scaled(kernels):
     assert np.array_equal(dp.residual(ms.Tensor(base), x).asnumpy(), base + 1)
 
 
+def test_drop_path_keep_probability():
+    """mask = (N(0,1) < Phi^-1(keep)) is Bernoulli(keep): the kept fraction over many samples."""
+    from scipy import stats
+    ms.set_seed(1)
+    dp = models.DropPath(0.2)
+    dp.set_train(True)
+    kept = int((dp(ms.Tensor(np.ones((20000, 1), np.float32))).asnumpy() > 0).sum())
+    assert stats.binomtest(kept, 20000, 0.8).pvalue > 1e-3, kept
+
+
+_SEEDED = """
+import sys, numpy as np, mindspore as ms
+sys.path.insert(0, {root!r})
+ms.set_context(mode=ms.GRAPH_MODE)
+import models_vit_mindspore as models
+ms.set_seed(int(sys.argv[1]))
+m = models.vit_tiny_patch16(img_size=32, num_classes=3, drop_path_rate=0.5)
+m.set_train(True)
+x = ms.Tensor(np.ones((6, 3, 32, 32), np.float32))
+np.save(sys.argv[2], np.stack([m(x).asnumpy() for _ in range(2)]))
+"""
+
+
+def test_drop_path_follows_the_seed(tmp_path):
+    """--seed makes training reproducible, as torch.manual_seed does for the original's drop path:
+    the same seed gives the same masks in another process, a new call new masks. (ops.bernoulli
+    drew a fresh random seed in every process.)"""
+    import subprocess
+    import sys
+    from tests.helpers import ROOT
+    script = tmp_path / 'seeded.py'
+    script.write_text(_SEEDED.format(root=ROOT))
+    outs = []
+    for seed, name in ((3, 'a'), (3, 'b'), (4, 'c')):
+        subprocess.run([sys.executable, str(script), str(seed), str(tmp_path / name)], check=True,
+                       capture_output=True, timeout=300)
+        outs.append(np.load(tmp_path / f'{name}.npy'))
+    a, b, c = outs
+    assert np.array_equal(a, b)                       # same seed, same masks
+    assert not np.array_equal(a[0], a[1])             # a new call draws new masks
+    assert not np.array_equal(a, c)                   # another seed, other masks
+
+
 def test_dinov2_factories_fix_224_and_token_pooling():
     m = models.Dinov2(model_arch='dinov2_vits14', num_classes=2, global_pool=True, img_size=256)
     assert m.patch_embed.img_size == (224, 224) and m.patch_embed.num_patches == 256
