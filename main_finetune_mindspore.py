@@ -478,11 +478,17 @@ def main(args):
 
     # ---- Final test with the best checkpoint (as the original)
     best_path = os.path.join(task_dir, "checkpoint-best.ckpt")
-    if os.path.isfile(best_path):
+    # --dist_eval: the ranks test shards of one model, so they must hold the same weights. Only rank 0
+    # writes checkpoint-best; another rank may read it before rank 0's last save lands (and test an
+    # older best), or not see it at all on another machine. Rank 0 loads it and sends it to all.
+    sharded_test = args.dist_eval and num_tasks > 1
+    if os.path.isfile(best_path) and (misc.is_main_process() or not sharded_test):
         meta = load_model_weights(model, best_path, extra_prefixes=_STATE_PREFIXES)
         print(f"Test with the best model, epoch = {meta.get('epoch', -1)}:")
     else:
         print("No best checkpoint was saved (val score never improved above 0): testing the last weights")
+    if sharded_test:
+        misc.broadcast_parameters(model)
     evaluate(loader_test, model, device, args, -1, mode="test", num_class=args.nb_classes, log_writer=None,
              class_names=class_names)
     if log_writer is not None:
