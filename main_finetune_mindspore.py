@@ -439,6 +439,15 @@ def main(args):
         raise SystemExit(f"--resume: {e}")
     max_score = float(state.get("max_score", 0.0)) if state else 0.0
     best_epoch = int(state.get("best_epoch", 0)) if state else 0
+    if state and state.get("format") != "pth":
+        # A run killed after writing checkpoint-best for epoch E but before checkpoint-latest resumes
+        # at E with the previous best score, while checkpoint-best already holds E's weights: keep
+        # that best (weights, epoch and score agree) unless the re-run of E beats it.
+        best = misc.read_checkpoint_meta(os.path.join(task_dir, "checkpoint-best.ckpt"))
+        if "max_score" in best and int(best.get("epoch", -1)) > best_epoch and float(best["max_score"]) > max_score:
+            max_score, best_epoch = float(best["max_score"]), int(best["epoch"])
+            print(f"--resume: checkpoint-best.ckpt holds epoch {best_epoch} (score {max_score:.4f}), saved after "
+                  f"checkpoint-latest: it stays the best unless a later epoch beats it")
 
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
@@ -455,7 +464,7 @@ def main(args):
             max_score, best_epoch = val_score, epoch
             if args.output_dir and args.savemodel:
                 misc.save_model(args=args, model=model, model_without_ddp=model, optimizer=optimizer,
-                                loss_scaler=loss_scaler, epoch=epoch, mode="best")
+                                loss_scaler=loss_scaler, epoch=epoch, mode="best", extra={"max_score": max_score})
         print(f"Best epoch = {best_epoch}, Best score = {max_score:.4f}")
 
         if log_writer is not None:

@@ -82,10 +82,10 @@ def save_checkpoint_atomic(param_list_or_cell, path, append_dict=None):
     _fsync_path(directory, directory=True)
 
 
-def load_checkpoint_checked(path):
+def load_checkpoint_checked(path, names=None):
     """``mindspore.load_checkpoint(path, crc_check=True)`` with actionable errors.
 
-    Returns {name: Parameter or str}. A file without the CRC trailer (truncated at a record
+    Returns {name: Parameter or str}; only the entries in ``names`` when given. A file without the CRC trailer (truncated at a record
     boundary, or written without crc_check) is refused: its content cannot be verified.
     """
     import mindspore as ms
@@ -100,7 +100,10 @@ def load_checkpoint_checked(path):
         raise CheckpointError(f'{path}: truncated or not written by this port ({size} bytes, no CRC trailer); '
                               f'use another checkpoint (e.g. checkpoint-best.ckpt) or retrain')
     try:
-        return ms.load_checkpoint(path, crc_check=True)
+        if names is None:
+            return ms.load_checkpoint(path, crc_check=True)
+        wanted = set(names)
+        return ms.load_checkpoint(path, crc_check=True, choice_func=lambda name: name in wanted)
     except Exception as e:  # MindSpore raises ValueError with a misleading "permission" message
         raise CheckpointError(f'{path}: corrupt checkpoint (CRC mismatch or unparsable content: '
                               f'{type(e).__name__}: {str(e)[:200]}); use another checkpoint or retrain') from e
@@ -196,6 +199,18 @@ def _meta_value(v):
     if isinstance(v, str):
         return v
     return v.asnumpy().item()
+
+
+def read_checkpoint_meta(path, keys=('epoch', 'max_score')):
+    """The scalar entries ``keys`` of a checkpoint written by save_model ({} when the file is
+    missing or unreadable), without loading its tensors."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        ckpt = load_checkpoint_checked(path, names=keys)
+    except CheckpointError:
+        return {}
+    return {k: _meta_value(v) for k, v in ckpt.items() if k in keys}
 
 
 def read_checkpoint_args(path):

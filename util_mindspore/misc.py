@@ -337,4 +337,4 @@ def gather_eval_loss(sample_losses, batch_size, num_samples=None):
 # ---------------------------------------------------------------------------
 from util_mindspore.checkpoint import (  # noqa: E402,F401
     OPTIMIZER_PREFIX, SCALER_PREFIX, CheckpointError, save_checkpoint_atomic, load_checkpoint_checked,
-    save_model, read_checkpoint_args, load_model, _optimizer_state)
+    save_model, read_checkpoint_args, read_checkpoint_meta, load_model, _optimizer_state)
