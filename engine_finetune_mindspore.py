@@ -234,8 +234,10 @@ def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, 
         loss_value = float(loss.asnumpy())
         if not math.isfinite(loss_value):
             # The MAE original stops here; RETFound lost the check. Checkpoints on disk are untouched.
-            print(f"Loss is {loss_value} at epoch {epoch}, step {data_iter_step}: stopping training. "
-                  f"Lower the learning rate (--blr/--lr), set --clip_grad, or check the input data.")
+            # every rank says why it stops (msrun then stops the others)
+            misc.print_on_every_rank(f"Loss is {loss_value} at epoch {epoch}, step {data_iter_step}: stopping "
+                                     f"training. Lower the learning rate (--blr/--lr), set --clip_grad, or check "
+                                     f"the input data.")
             sys.exit(1)
 
         metric_logger.update(loss=loss_value)

@@ -195,7 +195,7 @@ def build_model(args):
 
 def _rewrite_atomic(path, lines):
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(tmp, "w", encoding="utf-8", newline="") as f:  # the lines keep their own endings
         f.writelines(lines)
         f.flush()
         os.fsync(f.fileno())
@@ -218,7 +218,7 @@ def _trim_outputs_for_resume(task_dir, state):
         path = os.path.join(task_dir, name)
         keep = int(state.get(key, -1)) if state else -1
         if keep >= 0 and os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8", newline="") as f:  # csv rows end in \r\n: keep them
                 lines = f.readlines()
             if len(lines) > keep:
                 print(f"--resume: dropping {len(lines) - keep} line(s) of {name} written after the checkpoint")
@@ -261,9 +261,10 @@ def main(args):
                 setattr(args, k, v)
             args.resume = resume_path
             print(f"Load checkpoint (args) from: {args.resume}")
-            if not resume_path.endswith(".ckpt"):
-                # The original's args name a torch device ('cuda' always: it runs on CUDA), which
-                # says nothing about this machine's MindSpore: the command line's --device stays.
+            if device is not None or not resume_path.endswith(".ckpt"):
+                # A --device given on the command line stays (a run may be resumed on another
+                # kind of device); so does the default for the original's .pth, whose 'cuda'
+                # names a torch device and says nothing about this machine's MindSpore.
                 args.device = device
 
     # the device comes first: communication.init() picks mccl/nccl/hccl from it

@@ -346,32 +346,48 @@ def test_an_image_that_fails_when_loaded_stops_the_run_naming_it(tmp_path):
     assert last.startswith(f"Data error: unreadable image {bad}: OSError"), last
 
 
+def _rewrite_checkpoint(path, **changes):
+    """Rewrite a checkpoint of ours with changed scalar entries (args=... updates the args JSON)."""
+    from util_mindspore.checkpoint import save_checkpoint_atomic, load_checkpoint_checked
+    ckpt = load_checkpoint_checked(path)
+    meta = {k: (v if isinstance(v, str) else v.asnumpy().item()) for k, v in ckpt.items()
+            if isinstance(v, str) or len(v.shape) == 0}
+    tensors = [{"name": k, "data": v} for k, v in ckpt.items() if k not in meta]
+    if "args" in changes:
+        meta["args"] = json.dumps(dict(json.loads(meta["args"]), **changes.pop("args")))
+    meta.update(changes)
+    save_checkpoint_atomic(tensors, str(path), append_dict=meta)
+
+
+def test_resume_on_another_device_keeps_the_command_line_device(trained, tmp_path):
+    """A checkpoint's args replace the command line's on --resume (as the original), except an
+    explicit --device: a run saved on GPU can be resumed on CPU (its error used to advise passing
+    --device CPU, which was then overwritten)."""
+    import shutil
+    data, task, _ = trained
+    moved = tmp_path / "checkpoint-latest.ckpt"
+    shutil.copy(task / "checkpoint-latest.ckpt", moved)
+    _rewrite_checkpoint(moved, args={"device": "GPU", "output_dir": str(tmp_path / "out")})
+    r = _run(["--resume", str(moved), "--device", "CPU"], cwd=str(data))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "device='CPU'" in r.stdout
+
+
 def test_resume_keeps_a_best_checkpoint_saved_after_the_latest_one(data, tmp_path):
     """Killed after checkpoint-best of epoch E and before checkpoint-latest of E: the resumed run
     redoes E with the previous best score in checkpoint-latest, but checkpoint-best already holds
     E's weights. The best must stay that file's epoch and score (unless beaten), so that the
     reported best epoch is the one the final test loads."""
-    from util_mindspore.checkpoint import save_checkpoint_atomic, load_checkpoint_checked
     out = tmp_path / "out"
     args = COMMON + ["--data_path", str(data / "data"), "--task", "t", "--output_dir", str(out),
                      "--log_dir", str(tmp_path / "logs")]
     r = _run(args + ["--epochs", "1"], cwd=str(tmp_path))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     task = out / "t"
-    def rewrite(name, **changes):
-        ckpt = load_checkpoint_checked(task / name)
-        meta = {k: (v if isinstance(v, str) else v.asnumpy().item()) for k, v in ckpt.items()
-                if isinstance(v, str) or len(v.shape) == 0}
-        tensors = [{"name": k, "data": v} for k, v in ckpt.items() if k not in meta]
-        if "args" in changes:
-            meta["args"] = json.dumps(dict(json.loads(meta["args"]), **changes.pop("args")))
-        meta.update(changes)
-        save_checkpoint_atomic(tensors, str(task / name), append_dict=meta)
-
     # what a killed 2-epoch run leaves: checkpoint-latest of epoch 0, and checkpoint-best of epoch 1
     # (with a score that no re-run reaches)
-    rewrite("checkpoint-latest.ckpt", args={"epochs": 2})
-    rewrite("checkpoint-best.ckpt", epoch=1, max_score=99.0)
+    _rewrite_checkpoint(task / "checkpoint-latest.ckpt", args={"epochs": 2})
+    _rewrite_checkpoint(task / "checkpoint-best.ckpt", epoch=1, max_score=99.0)
     r = _run(["--resume", str(task / "checkpoint-latest.ckpt")], cwd=str(tmp_path))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "checkpoint-best.ckpt holds epoch 1 (score 99.0000)" in r.stdout

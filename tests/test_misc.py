@@ -351,3 +351,19 @@ def test_msrun_two_workers_reduce_and_gather(tmp_path):
     assert rc.returncode == 0, logs[-3000:]
     for r in range(2):
         assert f'RESULT {r} 2 1.5 4 0.5 [0, 1, 2, 3, 4] [0, 1, 2, 3, 4]' in logs
+
+
+def test_a_torchrun_launch_is_refused_with_the_msrun_command(monkeypatch):
+    """torchrun sets WORLD_SIZE/RANK, not msrun's variables: each process would otherwise train
+    alone as its own rank 0 and write the same files."""
+    from types import SimpleNamespace
+    for k in ('MS_ROLE', 'MS_WORKER_NUM', 'MS_SCHED_HOST'):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv('WORLD_SIZE', '4')
+    monkeypatch.setenv('RANK', '1')
+    with pytest.raises(SystemExit, match='not started by msrun.*msrun --worker_num=4'):
+        misc.init_distributed_mode(SimpleNamespace())
+    monkeypatch.setenv('WORLD_SIZE', '1')
+    args = SimpleNamespace()
+    misc.init_distributed_mode(args)
+    assert args.distributed is False

@@ -186,6 +186,15 @@ def setup_for_distributed(is_master):
     builtins.print = print
 
 
+def print_on_every_rank(*args, **kwargs):
+    """print() that setup_for_distributed does not silence on the other ranks (print(..., force=True)
+    of the original), also when it was never installed."""
+    p = builtins.print
+    if hasattr(p, '_retfound_original'):
+        kwargs['force'] = True
+    p(*args, **kwargs)
+
+
 def is_dist_avail_and_initialized():
     return _initialized
 
@@ -223,6 +232,15 @@ def init_distributed_mode(args):
     """
     global _initialized
     if not _launched_by_msrun():
+        world = os.environ.get('WORLD_SIZE', '1')
+        if world.isdigit() and int(world) > 1:
+            # torchrun / torch.distributed.launch (the original's launchers) set WORLD_SIZE; run
+            # here, every process would train on the whole data as its own "rank 0", writing the
+            # same files
+            raise SystemExit(f'WORLD_SIZE={world} but this process was not started by msrun: launch data-parallel '
+                             f'runs with msrun (e.g. msrun --worker_num={world} --local_worker_num={world} '
+                             f'--join=True main_finetune_mindspore.py ...; README_MindSpore.md, 分布式训练), '
+                             f'not torchrun')
         print('Not using distributed mode')
         setup_for_distributed(is_master=True)
         args.distributed = False
