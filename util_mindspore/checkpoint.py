@@ -223,10 +223,18 @@ def read_checkpoint_args(path):
             return None
         return json.loads(ckpt['args'])
     from util_mindspore.weight_converter import read_checkpoint
-    saved = read_checkpoint(path).get('args')
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f'{path}: holds a {type(checkpoint).__name__}, not a checkpoint dict')
+    saved = checkpoint.get('args')
     if saved is None:
         return None
-    return dict(vars(saved)) if hasattr(saved, '__dict__') else dict(saved)
+    if hasattr(saved, '__dict__'):
+        saved = vars(saved)
+    if not isinstance(saved, dict) or not all(isinstance(k, str) for k in saved):
+        raise CheckpointError(f"{path}: its 'args' entry is a {type(saved).__name__}, not the original's "
+                              f"argparse.Namespace")
+    return dict(saved)
 
 
 def _load_original_checkpoint(args, model_without_ddp, path):

@@ -353,16 +353,18 @@ def load_pretrained(model, finetune, model_name, cache_dir='./weights_cache', rn
     return info
 
 
-def _plain(x):
+def _plain(x, depth=0):
     """Checkpoint metadata as plain Python: 0-d arrays -> scalars, namespaces -> dicts."""
+    if depth > 100:
+        raise WeightLoadError('checkpoint metadata nested more than 100 levels deep: not a checkpoint')
     if isinstance(x, (types.SimpleNamespace, argparse.Namespace)):
-        return {k: _plain(v) for k, v in vars(x).items()}
+        return {k: _plain(v, depth + 1) for k, v in vars(x).items()}
     if isinstance(x, np.ndarray) and x.ndim == 0:
         return x.item()
     if isinstance(x, np.generic):
         return x.item()
     if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
+        return {k: _plain(v, depth + 1) for k, v in x.items()}
     return x
 
 
