@@ -559,7 +559,8 @@ def main():
                  'accumulation and outputs, through oneDNN; everything else fp32)' if args.ms_fast == 'cpu_bf16' else
                  'float16 `auto_mixed_precision(O2)` + dynamic loss scaling (2.10 has no CPU bf16 kernels)')
     if args.device == 'cpu':
-        notes = ['"fast" precision: torch = `torch.autocast("cpu", dtype=torch.bfloat16)` (the CPU has avx512_bf16); '
+        notes = ['"fast" precision: torch = `torch.autocast("cpu", dtype=torch.bfloat16)` (the CPU has avx512_bf16; '
+                 'evaluation in one autocast region, so torch casts its weights once as ours are packed once); '
                  f'MindSpore = {ours_fast}.']
     else:
         notes = ['"fast" precision on the GPU: torch = the original\'s `torch.cuda.amp.autocast()` (float16) with '
