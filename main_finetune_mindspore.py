@@ -241,7 +241,8 @@ def main(args):
     import mindspore as ms
     import util_mindspore.misc as misc
     import util_mindspore.lr_decay as lrd
-    from util_mindspore.datasets import build_dataset, create_loader, check_data_layout, scan_images, DatasetError
+    from util_mindspore.datasets import (build_dataset, create_loader, check_data_layout, scan_images, find_classes,
+                                         DatasetError)
     from util_mindspore.mixup import Mixup
     from util_mindspore.optim import AdamW, LossScaler
     from util_mindspore.weight_converter import load_pretrained, load_model_weights, WeightLoadError
@@ -303,7 +304,6 @@ def main(args):
         raise SystemExit(f"Data error: {e}")
     train_root = os.path.join(args.data_path, "train")
     if args.eval and os.path.isdir(train_root):
-        from util_mindspore.datasets import find_classes
         train_classes = find_classes(train_root)
         if train_classes != class_names:
             print(f"WARNING: test/ has classes {class_names} but train/ has {train_classes}: the labels follow "

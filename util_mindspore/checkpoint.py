@@ -85,8 +85,9 @@ def save_checkpoint_atomic(param_list_or_cell, path, append_dict=None):
 def load_checkpoint_checked(path, names=None):
     """``mindspore.load_checkpoint(path, crc_check=True)`` with actionable errors.
 
-    Returns {name: Parameter or str}; only the entries in ``names`` when given. A file without the CRC trailer (truncated at a record
-    boundary, or written without crc_check) is refused: its content cannot be verified.
+    Returns {name: Parameter or str}; only the entries in ``names`` when given. A file without the
+    CRC trailer (truncated at a record boundary, or written without crc_check) is refused: its
+    content cannot be verified.
     """
     import mindspore as ms
     path = os.fspath(path)
@@ -210,7 +211,7 @@ def read_checkpoint_meta(path, keys=('epoch', 'max_score')):
         ckpt = load_checkpoint_checked(path, names=keys)
     except CheckpointError:
         return {}
-    return {k: _meta_value(v) for k, v in ckpt.items() if k in keys}
+    return {k: _meta_value(v) for k, v in ckpt.items()}
 
 
 def read_checkpoint_args(path):

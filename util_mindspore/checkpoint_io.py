@@ -185,7 +185,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self.load_storage = load_storage
         self.storages = {}
         self.storage_types = {}
-        self.copied = 0  # bytes of views copied out of storages (bounded: see _rebuild)
+        self.stored = 0  # bytes of the storages read so far
+        self.copied = 0  # bytes of views copied out of them (bounded: see _rebuild)
         self.rebuild = self._rebuild
 
     def find_class(self, module, name):
@@ -211,11 +212,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         out = _rebuild_tensor(storage, *args)
         if not np.may_share_memory(out, storage):
             self.copied += out.nbytes
-            stored = sum(v.nbytes for v in self.storages.values() if v is not None)
-            if self.copied > 4 * stored + (64 << 20):
+            if self.copied > 4 * self.stored + (64 << 20):
                 # many views of one storage: a small file asking for much more memory than it holds
                 raise WeightLoadError(f'{self.path}: refused: its tensors would need {self.copied >> 20} MB copied '
-                                      f'out of {stored >> 20} MB of stored data (overlapping views)')
+                                      f'out of {self.stored >> 20} MB of stored data (overlapping views)')
         return out
 
     def persistent_load(self, pid):
@@ -227,6 +227,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if key not in self.storages:
             self.storages[key] = self.load_storage(key, storage_type, pid)
             self.storage_types[key] = storage_type.name
+            self.stored += getattr(self.storages[key], 'nbytes', 0)  # (None in the legacy first pass)
         elif self.storage_types[key] != storage_type.name:
             raise WeightLoadError(f'{self.path}: storage {key} is read as {self.storage_types[key]} and as '
                                   f'{storage_type.name}: corrupt or crafted file')

@@ -281,12 +281,10 @@ def broadcast_parameters(cell, root=0):
     if get_world_size() <= 1:
         return
     import mindspore as ms
-    from mindspore import ops
-    reduce_sum = ops.AllReduce()
     mine = get_rank() == root
     for p in cell.get_parameters():
         value = p.asnumpy() if mine else np.zeros(p.shape, dtype=ms.dtype_to_nptype(p.dtype))
-        p.set_data(reduce_sum(ms.Tensor(value)))
+        p.set_data(ms.Tensor(_all_reduce_sum(value)))
 
 
 def all_reduce_mean(x):
