@@ -131,11 +131,13 @@ def _inputs(batch, seed=0):
     return x, y
 
 
-def _timed(fn, steps):
-    """(first call seconds, list of the following call seconds)."""
+def _timed(fn, steps, warmup=0):
+    """(first call seconds, list of `steps` call seconds after `warmup` untimed calls that follow the first)."""
     s = time.perf_counter()
     fn()
     first = time.perf_counter() - s
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(steps):
         s = time.perf_counter()
@@ -190,7 +192,7 @@ def worker_ms(cfg):
             return model(xt).asnumpy()
     # evaluation runs inside frozen_weights(), as engine predict() does (--cpu_bf16: packed weights)
     with (cpu_kernels.frozen_weights() if cfg['task'] == 'eval' else contextlib.nullcontext()):
-        first, times = _timed(step, cfg['steps'])
+        first, times = _timed(step, cfg['steps'], cfg.get('warmup', 0))
     out = {'first_s': first, 'times': times, 'peak_rss_gb': _peak_rss_gb()}
     if gpu:  # (asnumpy() above waited for the device)
         out['peak_dev_gb'] = ms.runtime.max_memory_allocated() / 2 ** 30
@@ -250,9 +252,9 @@ def worker_torch(cfg):
         # frozen_weights() (one region per batch re-cast ViT-L's 300M weights every step, 0.04-0.2 s
         # of a ~3 s step: an advantage for our side that the comparison should not have).
         with torch.no_grad(), torch.autocast(dev, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            first, times = _timed(step, cfg['steps'])
+            first, times = _timed(step, cfg['steps'], cfg.get('warmup', 0))
     else:
-        first, times = _timed(step, cfg['steps'])
+        first, times = _timed(step, cfg['steps'], cfg.get('warmup', 0))
     out = {'first_s': first, 'times': times, 'peak_rss_gb': _peak_rss_gb()}
     if gpu:
         out['peak_dev_gb'] = torch.cuda.max_memory_allocated() / 2 ** 30
@@ -408,7 +410,7 @@ def render(rows, machine, sgemm, args, data_section, notes):
              f"date {machine['date']}; MindSpore {args.ms_version}, torch {args.torch_version}.",
              peak_line,
              f"- Mode: {'--quick' if args.quick else 'full'}; {args.repeats} interleaved round(s); "
-             f"{args.steps} timed steps after the first; load average during runs "
+             f"{args.steps} timed steps after the first and {args.warmup} untimed warm-up call(s); load average during runs "
              f"{args.load_min:.1f}–{args.load_max:.1f} (>{machine['cores']} means other processes competed).",
              '- images/s = batch / median step time; "first" = first call (MindSpore: includes graph '
              'compile); ' + ('peak GPU mem = the framework\'s peak allocated device memory '
@@ -476,7 +478,7 @@ def measure(args, models):
                 precision = prec if prec == 'fp32' else fast[be]
                 key = (m, task, prec, batch)
                 cfg = {'backend': be, 'model': m, 'task': task, 'precision': precision, 'batch': batch,
-                       'steps': args.steps, 'device': args.device}
+                       'steps': args.steps, 'warmup': args.warmup, 'device': args.device}
                 for mode in (args.ms_modes.split(',') if be == 'ms' else ['-']):
                     if be == 'ms':
                         cfg['ms_mode'] = mode
@@ -488,7 +490,7 @@ def measure(args, models):
     return machine, sgemm, results
 
 
-RUN_FIELDS = ('quick', 'repeats', 'steps', 'ms_fast', 'load_min', 'load_max', 'ms_version', 'torch_version',
+RUN_FIELDS = ('quick', 'repeats', 'steps', 'warmup', 'ms_fast', 'load_min', 'load_max', 'ms_version', 'torch_version',
               'timm_version', 'device', 'backends')
 
 
@@ -500,6 +502,7 @@ def load_json(args):
     for k, v in saved['results'].items():
         m, task, prec, batch = k.split('|')
         results[(m, task, prec, int(batch))] = v
+    args.warmup = 0  # files from before --warmup existed timed the calls right after the first
     if 'run' in saved:
         for k, v in saved['run'].items():
             setattr(args, k, v)
@@ -520,6 +523,11 @@ def main():
     p.add_argument('--batch_large', type=int, default=8)
     p.add_argument('--eval_batch', type=int, default=16)
     p.add_argument('--steps', type=int, default=None, help='timed steps after the first (quick 3, full 4)')
+    p.add_argument('--warmup', type=int, default=3,
+                   help='untimed calls between the first and the timed steps (default 3): the original warms up '
+                        'over its first calls (glibc malloc serves its large activations with fresh mmap pages '
+                        'until its dynamic mmap threshold has risen; ViT-L/16 bf16 eval took 3.7, 3.6, 3.1, 3.0, '
+                        '2.9 s for its first five batches), so steady-state times need them')
     p.add_argument('--repeats', type=int, default=None, help='interleaved rounds (quick 1, full 2)')
     p.add_argument('--precisions', default='fp32,fast',
                    help="'fast' = torch bf16 autocast / ours --ms_fast")
