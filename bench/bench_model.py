@@ -410,7 +410,8 @@ def render(rows, machine, sgemm, args, data_section, notes):
              f"date {machine['date']}; MindSpore {args.ms_version}, torch {args.torch_version}.",
              peak_line,
              f"- Mode: {'--quick' if args.quick else 'full'}; {args.repeats} interleaved round(s); "
-             f"{args.steps} timed steps after the first and {args.warmup} untimed warm-up call(s); load average during runs "
+             f"{args.steps} timed steps after the first" +
+             (f" and {args.warmup} untimed warm-up call(s)" if args.warmup else '') + "; load average during runs "
              f"{args.load_min:.1f}–{args.load_max:.1f} (>{machine['cores']} means other processes competed).",
              '- images/s = batch / median step time; "first" = first call (MindSpore: includes graph '
              'compile); ' + ('peak GPU mem = the framework\'s peak allocated device memory '

@@ -99,3 +99,37 @@ def test_gpu_run_of_the_original_alone_renders_its_committed_table(tmp_path):
         assert cells[6] == f'{ips:.2f}'
         assert cells[11] == f"{runs[0]['peak_dev_gb']:.1f}"
         assert cells[14] == f'{100 * ips * flops / 1e9 / peak:.0f}%'
+
+
+def test_warmup_calls_run_untimed_between_the_first_call_and_the_timed_steps(monkeypatch):
+    """--warmup N: the first call is reported alone, N more calls run untimed, and only the calls
+    after them are timed (the original's first batches are slower, docs/performance.md tenth pass)."""
+    calls = []
+    clock = iter(range(1000))
+    monkeypatch.setattr(bench_model.time, 'perf_counter', lambda: float(next(clock)))
+    first, times = bench_model._timed(lambda: calls.append(len(calls)), steps=2, warmup=3)
+    assert len(calls) == 1 + 3 + 2
+    assert len(times) == 2
+    # perf_counter is read twice per timed call (before and after) and never for the warm-up calls
+    assert first == 1.0 and times == [1.0, 1.0]
+    assert next(clock) == 6
+
+
+def test_steady_state_run_renders_its_committed_table_with_its_warmup(tmp_path):
+    """bench/RESULTS_vit_large_eval_bf16_steady.json re-renders to the committed table, whose header
+    names the run's warm-up calls; a file from before --warmup existed names none."""
+    for name, warm in (('RESULTS_vit_large_eval_bf16_steady', ' and 3 untimed warm-up call(s);'),
+                       ('RESULTS_vit_large_eval_bf16_fair', None)):
+        out = tmp_path / f'{name}.md'
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'bench_model.py'), '--from_json',
+                               os.path.join(ROOT, 'bench', f'{name}.json'), '--out', str(out)],
+                              capture_output=True, text=True, cwd=str(tmp_path), timeout=120,
+                              env=dict(os.environ, PYTHONPATH=ROOT))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        text = out.read_text()
+        if warm:
+            with open(os.path.join(ROOT, 'bench', f'{name}.md'), encoding='utf-8') as f:
+                assert text == f.read()
+            assert warm in text
+        else:  # (its notes under the table were reworded after it was rendered)
+            assert '3 timed steps after the first; load average' in text and 'warm-up' not in text
