@@ -10,9 +10,11 @@ process, so peak RSS is that configuration's alone (``ru_maxrss`` of the child, 
 the parent polling ``/proc/<pid>/status``). The parent kills a child above ``--mem_limit_gb`` or
 ``--timeout`` and records it as OOM/timeout. Configurations are interleaved (torch, ours, ours,
 torch, ...) over ``--repeats`` rounds so both see the same background load; medians are reported.
+Each configuration times ``--steps`` calls after its first call and ``--warmup`` untimed ones, so
+that both sides are measured in steady state (the original's first few calls are slower).
 
-    .venv/bin/python bench/bench_model.py --quick          # ViT-B/16 only, few steps (~15 min)
-    .venv/bin/python bench/bench_model.py                  # ViT-B/16 and ViT-L/16 (~1.5 h on 2 cores)
+    .venv/bin/python bench/bench_model.py --quick          # ViT-B/16 only, few steps (~20 min)
+    .venv/bin/python bench/bench_model.py                  # ViT-B/16 and ViT-L/16 (~2-2.5 h on 2 cores)
 
 ``--device gpu`` runs both sides on CUDA (float16 as each one's 'fast' precision, peak GPU memory);
 ``--backends torch`` runs the original alone (a GPU machine without MindSpore's CUDA 11 stack).
