@@ -279,8 +279,13 @@ def predict(model, data_loader, batch_size, log_header='', print_freq=10, metric
     model.set_train(False)
     labels, probs, sample_losses = [], [], []
     metric_logger = metric_logger or misc.MetricLogger(delimiter="  ")
-    # no weight changes in here: --cpu_bf16 Linear layers pack their bf16 weights once (cpu_kernels)
-    with cpu_kernels.frozen_weights():
+    # no weight changes in here: --cpu_bf16 Linear layers pack their bf16 weights once, fp32 ones are
+    # packed in place and restored on the way out (cpu_kernels.frozen_weights)
+    try:
+        batches = len(data_loader)
+    except TypeError:
+        batches = None
+    with cpu_kernels.frozen_weights(model, batches=batches):
         for images, target in metric_logger.log_every(data_loader, print_freq, log_header):
             n = images.shape[0]
             if n < batch_size:

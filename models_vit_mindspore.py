@@ -95,6 +95,8 @@ class Dense(nn.Cell):
         self.linear = cpu_kernels.linear_op(bf16=self.bf16, save_bf16=self.bf16_pair) if use_gemm else None
         # without oneDNN's GEMM: MatMul, then the fused bias add
         self.fused_bias_add = cpu_kernels.bias_add_op() if self.fused and not use_gemm else None
+        # fp32 through oneDNN: evaluation may pack the weight in place (cpu_kernels.frozen_weights(model))
+        self.packs_in_place = use_gemm and not self.bf16
 
     def matmul_2d(self, x):
         """x @ weight.T for x of any rank, flattened to (rows, in); returns (rows, out)."""

@@ -192,8 +192,9 @@ def worker_ms(cfg):
 
         def step():
             return model(xt).asnumpy()
-    # evaluation runs inside frozen_weights(), as engine predict() does (--cpu_bf16: packed weights)
-    with (cpu_kernels.frozen_weights() if cfg['task'] == 'eval' else contextlib.nullcontext()):
+    # evaluation runs inside frozen_weights(model), as engine predict() does (--cpu_bf16: bf16 weights
+    # packed once; fp32: the weights packed in place; both before the first, untimed call)
+    with (cpu_kernels.frozen_weights(model) if cfg['task'] == 'eval' else contextlib.nullcontext()):
         first, times = _timed(step, cfg['steps'], cfg.get('warmup', 0))
     out = {'first_s': first, 'times': times, 'peak_rss_gb': _peak_rss_gb()}
     if gpu:  # (asnumpy() above waited for the device)

@@ -405,7 +405,80 @@ def test_frozen_weights_pack_each_bf16_weight_once_with_the_same_values(mode, sa
     assert s4['calls'] == s3['calls']  # outside a block the GEMM path runs
 
 
-def test_frozen_weights_is_a_no_op_in_fp32(monkeypatch):
+def _tiny_eval_model():
+    from tests.helpers import tiny_vit
+    m = tiny_vit(global_pool=True)
+    m.set_train(False)
+    return m, ms.Tensor(np.random.RandomState(5).standard_normal((2, 3, 32, 32)).astype(np.float32))
+
+
+def test_weights_packed_in_place_are_refused_by_every_other_reader(tmp_path, monkeypatch):
+    """While fp32 weights are packed in place (inside frozen_weights(model)) nothing may read them
+    as plain weights: checkpoint saving refuses with a clear error and writes nothing, the backward
+    and the bf16 forward fail instead of computing with scrambled weights. After the block the
+    same gradients as before come back."""
+    if not K.linear_available():
+        pytest.skip(K.status())
+    from engine_finetune_mindspore import NetWithLoss
+    from util_mindspore.checkpoint import save_checkpoint_atomic
+    monkeypatch.setitem(K._state, 'bf16_matmul', False)
+    with ms_mode(ms.PYNATIVE_MODE):
+        m, x = _tiny_eval_model()
+        y = ms.Tensor(np.array([0, 2], np.int32))
+        grad_fn = ms.value_and_grad(NetWithLoss(m), None, m.trainable_params())
+        g0 = [g.asnumpy() for g in grad_fn(x, y)[1]]
+        path = tmp_path / 'inside.ckpt'
+        with K.frozen_weights(m):
+            assert K.packed_in_place() > 0
+            with pytest.raises(RuntimeError, match='packed in place'):
+                save_checkpoint_atomic(m, str(path))
+            with pytest.raises(RuntimeError):
+                grad_fn(x, y)[1][0].asnumpy()
+            qkv = m.blocks[0].attn.qkv
+            with pytest.raises(RuntimeError):  # the bf16 forward of a packed fp32 weight
+                K.linear_op(bf16=True, save_bf16=False)(x.reshape(-1, 32)[:, :32], qkv.weight, qkv.bias).asnumpy()
+        assert K.packed_in_place() == 0
+        assert not path.exists() and not list(tmp_path.iterdir())
+        g1 = [g.asnumpy() for g in grad_fn(x, y)[1]]
+        save_checkpoint_atomic(m, str(path))
+    for a, b in zip(g0, g1):
+        assert np.array_equal(a, b)
+    assert path.exists()
+
+
+def test_weights_packed_in_place_are_restored_on_an_exception_and_only_when_it_pays(monkeypatch):
+    if not K.linear_available():
+        pytest.skip(K.status())
+    monkeypatch.setitem(K._state, 'bf16_matmul', False)
+    m, x = _tiny_eval_model()
+    ref = m(x).asnumpy()
+    before = [p.asnumpy().copy() for p in m.get_parameters()]
+    with pytest.raises(KeyError):
+        with K.frozen_weights(m):
+            assert K.packed_in_place() == 9
+            with K.frozen_weights(m):  # nested: the outermost block packs, once
+                assert K.packed_in_place() == 9
+            assert K.packed_in_place() == 9
+            raise KeyError('interrupted evaluation')
+    assert K.packed_in_place() == 0
+    assert all(np.array_equal(a, p.asnumpy()) for a, p in zip(before, m.get_parameters()))
+    assert np.array_equal(m(x).asnumpy(), ref)
+    # fewer than 4 forwards: the reorders would cost more than they save
+    with K.frozen_weights(m, batches=3):
+        assert K.packed_in_place() == 0
+    with K.frozen_weights(m, batches=4):
+        assert K.packed_in_place() == 9
+    monkeypatch.setenv(K.ENV_PACK, '0')
+    with K.frozen_weights(m):
+        assert K.packed_in_place() == 0
+    monkeypatch.delenv(K.ENV_PACK)
+    # --cpu_bf16 keeps its own packed bf16 copies and never packs fp32 weights in place
+    monkeypatch.setitem(K._state, 'bf16_matmul', True)
+    with K.frozen_weights(m):
+        assert K.packed_in_place() == 0
+
+
+def test_frozen_weights_is_a_no_op_in_fp32_without_a_model(monkeypatch):
     if not K.linear_available():
         pytest.skip(K.status())
     monkeypatch.setitem(K._state, 'bf16_matmul', False)

@@ -243,6 +243,39 @@ def test_linear_probe_trains_only_the_head():
     assert changed == ["head.bias", "head.weight"]
 
 
+@pytest.mark.parametrize("mode", [pytest.param(ms.GRAPH_MODE, id="graph"), pytest.param(ms.PYNATIVE_MODE, id="pynative")])
+def test_predict_packs_fp32_weights_in_place_between_training_steps(mode, monkeypatch, capsys):
+    """engine predict() (evaluate, --eval) over 4+ batches runs the fp32 Linear layers on weights
+    packed in place, then restores them: the probabilities equal those of the unpacked path, and
+    training steps after it are bit-identical to steps after an evaluation without packing."""
+    from engine_finetune_mindspore import predict
+    from util_mindspore import cpu_kernels
+    if not cpu_kernels.linear_available() or cpu_kernels.bf16_matmul():
+        pytest.skip(cpu_kernels.status())
+    rng = np.random.default_rng(3)
+    loader = [(rng.standard_normal((b, 3, 32, 32)).astype(np.float32), rng.integers(0, 3, b)) for b in (4, 4, 4, 3)]
+    xt, yt = rng.standard_normal((4, 3, 32, 32)).astype(np.float32), rng.integers(0, 3, 4).astype(np.int32)
+    runs = {}
+    with ms_mode(mode):
+        for pack in ("1", "0"):
+            monkeypatch.setenv(cpu_kernels.ENV_PACK, pack)
+            m, o = _model_and_opt(seed=5)
+            s = Stepper(m, o)
+            m.set_train(True)
+            s(xt, yt, 1e-3)
+            calls = cpu_kernels.in_place_stats()['calls']
+            labels, probs, _ = predict(m, loader, 4, print_freq=100)
+            used = cpu_kernels.in_place_stats()['calls'] - calls
+            m.set_train(True)
+            s(xt, yt, 1e-3)
+            runs[pack] = (probs, used, _params(m))
+    capsys.readouterr()
+    assert runs["1"][1] == 4 * 9 and runs["0"][1] == 0  # 4 batches x 9 Linear layers packed
+    assert probs.shape == (15, 3) and np.max(np.abs(runs["1"][0] - runs["0"][0])) <= 1e-6
+    for k, v in runs["0"][2].items():
+        assert np.array_equal(runs["1"][2][k], v), k
+
+
 def test_changing_the_learning_rate_does_not_recompile():
     """The LR is a tensor input of the step graph: one compiled graph for every LR value.
     Negative control: a new input shape does compile a second graph, so the count can move."""

@@ -93,6 +93,53 @@ def test_logits_match_original(mode, global_pool, kernels):
 
 @pytest.mark.torch
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("embed_dim", [32, 48], ids=["all_packable", "some_not_packable"])
+def test_fp32_evaluation_with_weights_packed_in_place_matches_original(mode, embed_dim):
+    """Evaluation (engine predict: cpu_kernels.frozen_weights(model)) reorders the fp32 Linear
+    weights in their own storage into oneDNN's packed layout: the logits still equal the
+    original's, the packed path really ran, and the weights come back bit for bit. embed_dim 48
+    has shapes whose packed layout is padded: those stay plain on dnnl_sgemm beside packed ones."""
+    import torch
+    from util_mindspore import cpu_kernels
+    from tests.original_reference import retfound_vit, randomize_, state_dict_numpy
+    if not cpu_kernels.linear_available():
+        pytest.skip(cpu_kernels.status())
+    cfg = dict(TINY, embed_dim=embed_dim)
+    tm = randomize_(retfound_vit(global_pool=True, num_classes=3, **cfg), seed=7).eval()
+    xs = [torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(b)) for b in (3, 1)]
+    with torch.no_grad():
+        refs = [tm(x).numpy() for x in xs]
+    with ms_mode(mode):
+        m = load_numpy_state(tiny_vit(global_pool=True, **cfg), state_dict_numpy(tm))
+        m.set_train(False)
+        plain = [m(ms.Tensor(x.numpy())).asnumpy() for x in xs]
+        before = {p.name: p.asnumpy().copy() for p in m.get_parameters()}
+        with cpu_kernels.frozen_weights(m):
+            s1 = cpu_kernels.in_place_stats()
+            packed = [m(ms.Tensor(x.numpy())).asnumpy() for x in xs]
+            s2 = cpu_kernels.in_place_stats()
+            moved = sum(not np.array_equal(before[p.name], p.asnumpy()) for p in m.get_parameters())
+        s3 = cpu_kernels.in_place_stats()
+        after = [m(ms.Tensor(x.numpy())).asnumpy() for x in xs]
+    candidates = len(cpu_kernels._in_place_weights(m))
+    assert candidates == 9  # qkv, proj, fc1, fc2 of two blocks, and the head
+    if embed_dim == 32:
+        assert s1['weights'] == candidates
+    else:
+        assert 0 < s1['weights'] < candidates
+    assert moved == s1['weights']  # their storage really holds the packed layout in the block
+    assert s2['calls'] - s1['calls'] == 2 * s1['weights']  # two forwards through the packed path
+    for ours, ref in zip(packed, refs):
+        assert _max_abs(ours, ref) <= 1e-5
+    assert s3['weights'] == 0 and s3['calls'] == s2['calls']
+    for p in m.get_parameters():
+        assert np.array_equal(before[p.name], p.asnumpy()), p.name
+    for a, b in zip(after, plain):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("img_size,patch_size", [(36, 8), (256, 14)], ids=["36_over_8", "256_over_14"])
 def test_image_size_not_a_multiple_of_the_patch_size(mode, img_size, patch_size):
     """timm's stride-p convolution leaves out the last img_size % p rows and columns (e.g.

@@ -64,6 +64,12 @@ def save_checkpoint_atomic(param_list_or_cell, path, append_dict=None):
     (``.NAME.partial-PID-*``) are removed by the next save once their process is gone.
     """
     import mindspore as ms
+    from util_mindspore import cpu_kernels
+    if cpu_kernels.packed_in_place():
+        # inside cpu_kernels.frozen_weights(model) (evaluation) fp32 Linear weights are reordered in
+        # place into oneDNN's packed layout: saved now they would be scrambled
+        raise RuntimeError('refusing to save a checkpoint while Linear weights are packed in place for '
+                           'evaluation: save after the evaluation block (cpu_kernels.frozen_weights) has ended')
     path = os.path.abspath(os.fspath(path))
     if not path.endswith('.ckpt'):
         raise ValueError(f'checkpoint path must end with .ckpt (mindspore.save_checkpoint appends it): {path}')
