@@ -116,9 +116,10 @@ def test_warmup_calls_run_untimed_between_the_first_call_and_the_timed_steps(mon
 
 
 def test_steady_state_run_renders_its_committed_table_with_its_warmup(tmp_path):
-    """bench/RESULTS_vit_large_eval_bf16_steady.json re-renders to the committed table, whose header
+    """bench/RESULTS_vit_large_eval_bf16_steady.json (and the eleventh pass's fp32 file) re-render to the committed table, whose header
     names the run's warm-up calls; a file from before --warmup existed names none."""
     for name, warm in (('RESULTS_vit_large_eval_bf16_steady', ' and 3 untimed warm-up call(s);'),
+                       ('RESULTS_vit_large_eval_fp32_packed', ' and 3 untimed warm-up call(s);'),
                        ('RESULTS_vit_large_eval_bf16_fair', None)):
         out = tmp_path / f'{name}.md'
         proc = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'bench_model.py'), '--from_json',
