@@ -283,15 +283,18 @@ def predict(model, data_loader, batch_size, log_header='', print_freq=10, metric
     # packed in place and restored on the way out (cpu_kernels.frozen_weights)
     try:
         batches = len(data_loader)
-    except TypeError:
+    except (TypeError, NotImplementedError):
         batches = None
-    with cpu_kernels.frozen_weights(model, batches=batches):
+    with cpu_kernels.frozen_weights(model, batches=batches) as frozen:
         for images, target in metric_logger.log_every(data_loader, print_freq, log_header):
             n = images.shape[0]
             if n < batch_size:
                 pad = np.zeros((batch_size - n,) + images.shape[1:], dtype=np.float32)
                 images = np.concatenate([images, pad], axis=0)
-            logits = model(Tensor(np.ascontiguousarray(images, dtype=np.float32))).asnumpy()[:n]
+            batch = Tensor(np.ascontiguousarray(images, dtype=np.float32))
+            logits = model(batch).asnumpy()[:n]
+            if not frozen.verify():  # a packed weight was read by something else: weights restored, again
+                logits = model(batch).asnumpy()[:n]
             target = np.asarray(target).astype(np.int64)
             sample_losses.append(_cross_entropy(logits, target, reduce=False))
             metric_logger.update(loss=float(sample_losses[-1].mean()))

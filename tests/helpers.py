@@ -37,3 +37,10 @@ def ms_mode(mode):
         yield
     finally:
         ms.set_context(mode=old)
+
+
+def avx512_cpu():
+    """On AVX-512 CPUs oneDNN chooses, for every Linear shape of the tiny test models, a blocked
+    layout of the plain size (brgemm): there fp32 evaluation must really pack weights in place."""
+    from util_mindspore import cpu_kernels
+    return 'avx512f' in cpu_kernels._cpu_signature().split('|', 1)[-1].split()

@@ -18,7 +18,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from util_mindspore import cpu_kernels as K
-from tests.helpers import ms_mode
+from tests.helpers import ms_mode, avx512_cpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = [pytest.param(ms.PYNATIVE_MODE, id="pynative"), pytest.param(ms.GRAPH_MODE, id="graph")]
@@ -405,48 +405,57 @@ def test_frozen_weights_pack_each_bf16_weight_once_with_the_same_values(mode, sa
     assert s4['calls'] == s3['calls']  # outside a block the GEMM path runs
 
 
-def _tiny_eval_model():
+def _tiny_eval_model(**kwargs):
     from tests.helpers import tiny_vit
-    m = tiny_vit(global_pool=True)
+    m = tiny_vit(global_pool=True, **kwargs)
     m.set_train(False)
     return m, ms.Tensor(np.random.RandomState(5).standard_normal((2, 3, 32, 32)).astype(np.float32))
 
 
-def test_weights_packed_in_place_are_refused_by_every_other_reader(tmp_path, monkeypatch):
+def test_weights_packed_in_place_are_refused_by_every_other_reader(tmp_path, monkeypatch, capfd):
     """While fp32 weights are packed in place (inside frozen_weights(model)) nothing may read them
     as plain weights: checkpoint saving refuses with a clear error and writes nothing, the backward
-    and the bf16 forward fail instead of computing with scrambled weights. After the block the
-    same gradients as before come back."""
-    if not K.linear_available():
+    and the bf16 forward fail with a message saying why, instead of computing with scrambled
+    weights. After the block the same gradients as before come back, and the same bf16 call works."""
+    if not K.linear_available(bf16=True):
         pytest.skip(K.status())
     from engine_finetune_mindspore import NetWithLoss
     from util_mindspore.checkpoint import save_checkpoint_atomic
     monkeypatch.setitem(K._state, 'bf16_matmul', False)
+    refused = r'RfLinear(Bf16NoSave)?(Fwd|Bwd)\)? is 5'
     with ms_mode(ms.PYNATIVE_MODE):
         m, x = _tiny_eval_model()
         y = ms.Tensor(np.array([0, 2], np.int32))
         grad_fn = ms.value_and_grad(NetWithLoss(m), None, m.trainable_params())
         g0 = [g.asnumpy() for g in grad_fn(x, y)[1]]
+        qkv = m.blocks[0].attn.qkv
+        bf16_linear = K.linear_op(bf16=True, save_bf16=False)
+        rows = ms.Tensor(np.random.RandomState(6).standard_normal((5, 32)).astype(np.float32))
+        bf16_before = bf16_linear(rows, qkv.weight, qkv.bias).asnumpy()
         path = tmp_path / 'inside.ckpt'
-        with K.frozen_weights(m):
-            assert K.packed_in_place() > 0
+        capfd.readouterr()
+        with K.frozen_weights(m) as frozen:
+            assert K.packed_in_place() == frozen.packed > 0
             with pytest.raises(RuntimeError, match='packed in place'):
                 save_checkpoint_atomic(m, str(path))
-            with pytest.raises(RuntimeError):
+            with pytest.raises(RuntimeError, match=refused):
                 grad_fn(x, y)[1][0].asnumpy()
-            qkv = m.blocks[0].attn.qkv
-            with pytest.raises(RuntimeError):  # the bf16 forward of a packed fp32 weight
-                K.linear_op(bf16=True, save_bf16=False)(x.reshape(-1, 32)[:, :32], qkv.weight, qkv.bias).asnumpy()
+            assert 'the Linear backward refused' in capfd.readouterr().err
+            with pytest.raises(RuntimeError, match=refused):
+                bf16_linear(rows, qkv.weight, qkv.bias).asnumpy()
+            assert 'the bf16 Linear forward refused' in capfd.readouterr().err
         assert K.packed_in_place() == 0
         assert not path.exists() and not list(tmp_path.iterdir())
         g1 = [g.asnumpy() for g in grad_fn(x, y)[1]]
+        assert np.array_equal(bf16_linear(rows, qkv.weight, qkv.bias).asnumpy(), bf16_before)
         save_checkpoint_atomic(m, str(path))
     for a, b in zip(g0, g1):
         assert np.array_equal(a, b)
     assert path.exists()
 
 
-def test_weights_packed_in_place_are_restored_on_an_exception_and_only_when_it_pays(monkeypatch):
+@pytest.mark.parametrize("off", ["0", "off", "false", "no"])
+def test_weights_packed_in_place_are_restored_on_an_exception_and_only_when_it_pays(off, monkeypatch):
     if not K.linear_available():
         pytest.skip(K.status())
     monkeypatch.setitem(K._state, 'bf16_matmul', False)
@@ -454,11 +463,12 @@ def test_weights_packed_in_place_are_restored_on_an_exception_and_only_when_it_p
     ref = m(x).asnumpy()
     before = [p.asnumpy().copy() for p in m.get_parameters()]
     with pytest.raises(KeyError):
-        with K.frozen_weights(m):
-            assert K.packed_in_place() == 9
-            with K.frozen_weights(m):  # nested: the outermost block packs, once
-                assert K.packed_in_place() == 9
-            assert K.packed_in_place() == 9
+        with K.frozen_weights(m) as outer:
+            packed = outer.packed
+            assert K.packed_in_place() == packed and (packed == 9 or not avx512_cpu())
+            with K.frozen_weights(m) as inner:  # nested: the outermost block packs, once
+                assert inner.packed == 0 and K.packed_in_place() == packed
+            assert K.packed_in_place() == packed
             raise KeyError('interrupted evaluation')
     assert K.packed_in_place() == 0
     assert all(np.array_equal(a, p.asnumpy()) for a, p in zip(before, m.get_parameters()))
@@ -467,8 +477,8 @@ def test_weights_packed_in_place_are_restored_on_an_exception_and_only_when_it_p
     with K.frozen_weights(m, batches=3):
         assert K.packed_in_place() == 0
     with K.frozen_weights(m, batches=4):
-        assert K.packed_in_place() == 9
-    monkeypatch.setenv(K.ENV_PACK, '0')
+        assert K.packed_in_place() == packed
+    monkeypatch.setenv(K.ENV_PACK, off)
     with K.frozen_weights(m):
         assert K.packed_in_place() == 0
     monkeypatch.delenv(K.ENV_PACK)
@@ -476,6 +486,51 @@ def test_weights_packed_in_place_are_restored_on_an_exception_and_only_when_it_p
     monkeypatch.setitem(K._state, 'bf16_matmul', True)
     with K.frozen_weights(m):
         assert K.packed_in_place() == 0
+
+
+def test_verify_restores_weights_that_the_packed_forward_did_not_read():
+    """FrozenWeights.verify() after the first forward: a packed weight that the packed Linear path
+    did not read (here: the forward ran on another model) means something else read it as a plain
+    weight: every weight is restored, a warning says so, and verify() is False (recompute)."""
+    if not K.linear_available():
+        pytest.skip(K.status())
+    m, x = _tiny_eval_model()
+    other, _ = _tiny_eval_model()
+    before = [p.asnumpy().copy() for p in m.get_parameters()]
+    with K.frozen_weights(m) as frozen:
+        if frozen.packed == 0:
+            pytest.skip('no Linear shape of the tiny model packs in place on this CPU')
+        other(x).asnumpy()
+        with pytest.warns(RuntimeWarning, match='not read by the packed forward'):
+            assert frozen.verify() is False
+        assert K.packed_in_place() == 0 and frozen.packed == 0
+        assert all(np.array_equal(a, p.asnumpy()) for a, p in zip(before, m.get_parameters()))
+        assert frozen.verify() is True  # once
+    with K.frozen_weights(m) as frozen:
+        m(x).asnumpy()
+        assert frozen.verify() is True and K.packed_in_place() == frozen.packed > 0
+
+
+def test_packed_in_place_fallback_path_gives_the_same_logits():
+    """A row count whose primitive cannot take the packed layout reorders W to a plain scratch copy
+    for that call and runs dnnl_sgemm (forced here for every call)."""
+    if not K.linear_available():
+        pytest.skip(K.status())
+    m, x = _tiny_eval_model(embed_dim=48)  # some shapes pack, some stay plain
+    ref = m(x).asnumpy()
+    lib = K._lib()
+    lib.RfInPlaceForceFallback(1)
+    try:
+        with K.frozen_weights(m) as frozen:
+            packed = frozen.packed
+            c0 = K.in_place_stats()['calls']
+            out = m(x).asnumpy()
+            assert frozen.verify()
+            used = K.in_place_stats()['calls'] - c0
+    finally:
+        lib.RfInPlaceForceFallback(0)
+    assert used == packed and (0 < packed < 9 or not avx512_cpu())
+    _close(out, ref, 1e-6, 'fallback vs dnnl_sgemm')
 
 
 def test_frozen_weights_is_a_no_op_in_fp32_without_a_model(monkeypatch):

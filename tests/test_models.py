@@ -5,7 +5,7 @@ import mindspore as ms
 from mindspore import nn
 
 import models_vit_mindspore as models
-from tests.helpers import TINY, tiny_vit, load_numpy_state, ms_mode
+from tests.helpers import TINY, tiny_vit, load_numpy_state, ms_mode, avx512_cpu
 
 MODES = [pytest.param(ms.PYNATIVE_MODE, id="pynative"), pytest.param(ms.GRAPH_MODE, id="graph")]
 # The fused CPU kernels (util_mindspore/cpu_kernels.py, on by default on CPU) and MindSpore's own
@@ -123,10 +123,8 @@ def test_fp32_evaluation_with_weights_packed_in_place_matches_original(mode, emb
         after = [m(ms.Tensor(x.numpy())).asnumpy() for x in xs]
     candidates = len(cpu_kernels._in_place_weights(m))
     assert candidates == 9  # qkv, proj, fc1, fc2 of two blocks, and the head
-    if embed_dim == 32:
-        assert s1['weights'] == candidates
-    else:
-        assert 0 < s1['weights'] < candidates
+    if avx512_cpu():  # elsewhere oneDNN may choose padded layouts: those weights stay plain
+        assert (s1['weights'] == candidates) if embed_dim == 32 else (0 < s1['weights'] < candidates)
     assert moved == s1['weights']  # their storage really holds the packed layout in the block
     assert s2['calls'] - s1['calls'] == 2 * s1['weights']  # two forwards through the packed path
     for ours, ref in zip(packed, refs):

@@ -33,7 +33,7 @@ from mindspore import ops, Tensor
 __all__ = ['enabled', 'library_path', 'status', 'layer_norm_op', 'bias_add_op', 'bias_gelu_op',
            'gelu_op', 'softmax_op', 'qkv_split_op', 'attention_op', 'attention_recompute_op', 'linear_op', 'row_scale_op', 'add_row_scale_op', 'adamw_op', 'linear_available', 'set_bf16_matmul',
            'bf16_matmul', 'save_bf16_inputs', 'cpu_has_bf16', 'frozen_weights', 'weight_cache_stats', 'pool_spin_us',
-           'packed_in_place', 'in_place_stats', 'ENV_SWITCH', 'ENV_CACHE', 'ENV_SPIN', 'ENV_PACK']
+           'packed_in_place', 'in_place_stats', 'FrozenWeights', 'ENV_SWITCH', 'ENV_CACHE', 'ENV_SPIN', 'ENV_PACK']
 
 ENV_SWITCH = 'RETFOUND_CPU_KERNELS'   # '0' / 'off' / 'false': never use the fused kernels
 ENV_CACHE = 'RETFOUND_KERNEL_CACHE'   # where the compiled library is kept
@@ -212,11 +212,24 @@ def _lib():
 
 
 _frozen = {'depth': 0}
+_stranded = []  # storage of weights an unpack failed to restore (kept alive: their addresses stay registered)
+
+
+def _mixed_precision(model):
+    """True when ``model`` or any of its cells runs under ``ms.amp`` O2/O3 (float16 Dense inputs:
+    the layers then take MatMul, whose Cast would read a packed weight as a plain one)."""
+    for _, cell in model.cells_and_names():
+        kind = cell.get_mixed_precision_type() if hasattr(cell, 'get_mixed_precision_type') else None
+        if kind is not None and getattr(kind, 'name', 'NOTSET') != 'NOTSET':
+            return True
+    return False
 
 
 def _in_place_weights(model):
     """The fp32 Linear weights of ``model`` whose fused forward can take them packed in place:
-    each Dense layer with ``packs_in_place`` (fp32 oneDNN GEMM path)."""
+    each Dense layer with ``packs_in_place`` (fp32 oneDNN GEMM path); none under ms.amp O2/O3."""
+    if _mixed_precision(model):
+        return []
     seen, out = set(), []
     for _, cell in model.cells_and_names():
         if getattr(cell, 'packs_in_place', False):
@@ -230,11 +243,14 @@ def _in_place_weights(model):
 def _pack_in_place(lib, weights):
     """Reorder ``weights`` in their own storage into oneDNN's packed layout. Returns the numpy views
     of the packed ones' storage (keep them alive until unpacked)."""
-    views = []
+    views, addresses = [], set()
     for w in weights:
         a = w.asnumpy()  # the storage itself on CPU (a view); waits for any step still writing it
-        # only where that view is the storage the operators receive (a copy would be packed for nothing)
-        if a.dtype == np.float32 and a.flags['C_CONTIGUOUS'] and a.ctypes.data == w.data_ptr():
+        # only where that view is the storage the operators receive (a copy would be packed for
+        # nothing), and each storage once (two Parameters sharing one would be reordered twice)
+        if (a.dtype == np.float32 and a.flags['C_CONTIGUOUS'] and a.ctypes.data == w.data_ptr()
+                and a.ctypes.data not in addresses):
+            addresses.add(a.ctypes.data)
             views.append(a)
     count = len(views)
     if not count:
@@ -248,12 +264,50 @@ def _pack_in_place(lib, weights):
     return [a for a, st in zip(views, status_) if st == 0]
 
 
-def _unpack_in_place(lib):
+def _unpack_in_place(lib, views):
     left = int(lib.RfUnpackAllInPlace())
     if left:
+        _stranded.extend(views)  # never free storage whose address is still registered as packed
         raise RuntimeError(f'{left} Linear weight(s) packed for evaluation could not be restored to their plain '
                            'layout (out of memory?); the model in this process is unusable: do not save it, '
                            'reload it from its checkpoint')
+
+
+class FrozenWeights:
+    """What ``frozen_weights`` yields. ``verify()``, called after the block's first forward, checks
+    that every fp32 weight packed in place was read by the packed Linear path (each Linear layer
+    runs once per forward). If one was not (something else read it, as a plain weight), it restores
+    all of them, so the rest of the block runs on dnnl_sgemm, warns, and returns False: that
+    forward's outputs must be computed again. True otherwise, and when nothing is packed."""
+
+    def __init__(self, lib=None, views=()):
+        self._lib, self._views = lib, list(views)
+        self._calls = int(lib.RfInPlaceStat(1)) if lib is not None else 0
+        self._verified = not self._views
+
+    @property
+    def packed(self):
+        """How many weights this block packed in place (0 once restored)."""
+        return len(self._views)
+
+    def verify(self):
+        if self._verified:
+            return True
+        self._verified = True
+        used = int(self._lib.RfInPlaceStat(1)) - self._calls
+        if used >= len(self._views):
+            return True
+        views, self._views = self._views, []
+        _unpack_in_place(self._lib, views)
+        warnings.warn(f'{len(views) - used} of {len(views)} Linear weights packed in place for evaluation were '
+                      'not read by the packed forward; they are restored and this evaluation runs on the '
+                      f'unpacked path (set {ENV_PACK}=0 to skip the packing)', RuntimeWarning, stacklevel=2)
+        return False
+
+    def _restore(self):
+        views, self._views = self._views, []
+        if self._lib is not None and self._lib.RfInPlaceStat(0):
+            _unpack_in_place(self._lib, views)
 
 
 def packed_in_place():
@@ -276,6 +330,7 @@ def in_place_stats():
 @contextlib.contextmanager
 def frozen_weights(model=None, batches=None):
     """Declare that no weight changes inside this block (evaluation); engine ``predict`` holds it.
+    Yields a ``FrozenWeights`` (see its ``verify``).
 
     bf16 Linear forwards (``--cpu_bf16``) then round and pack each weight once, into the blocked
     layout of oneDNN's matmul primitive, and reuse it on every later batch, instead of rounding
@@ -287,15 +342,16 @@ def frozen_weights(model=None, batches=None):
     that the weights do not change (evaluation does not change them).
 
     fp32, given the ``model``: its Linear weights are reordered *in their own storage* into that
-    packed layout (no copy, so no extra memory; 6% faster GEMMs than dnnl_sgemm, which packs on
-    every call) and restored bit for bit when the outermost block exits, also on an exception.
-    Inside the block those weights must only be read by the model's forward: the backward and the
-    bf16 forward refuse them (the operator fails), and checkpoint writers refuse to save (see
-    ``packed_in_place``). Skipped when ``batches`` (the number of forwards the block will run) is
-    below 4, where the reorders (~0.1 s per 100M weights each way; the forward gains ~4% of its time)
-    would not pay, and with $RETFOUND_PACK_IN_PLACE=0.
+    packed layout (no packed copy: at most 4 weight-sized scratch buffers while reordering; 6% faster
+    GEMMs than dnnl_sgemm, which packs on every call) and restored bit for bit when the outermost
+    block exits, also on an exception. Inside the block those weights must only be read by the
+    model's forward: the backward and the bf16 forward refuse them (the operator fails), checkpoint
+    writers refuse to save (see ``packed_in_place``), and the yielded object's ``verify()`` catches
+    any other reader after the first forward. Skipped under ms.amp O2/O3, when ``batches`` (the
+    number of forwards the block will run) is below 4, where the reorders (~0.1 s per 100M weights
+    each way; the forward gains ~4% of its time) would not pay, and with $RETFOUND_PACK_IN_PLACE=0.
     A no-op without the fused kernels or off CPU."""
-    frozen, lib, packed = _frozen, None, []  # (locals: a block left open at interpreter exit still closes)
+    frozen, lib = _frozen, None  # (locals: a block left open at interpreter exit still closes)
     if frozen['depth'] == 0 and enabled():
         lib = _lib()
         if lib is not None and not lib.RfPackedMatmulAvailable():
@@ -303,20 +359,23 @@ def frozen_weights(model=None, batches=None):
     cache = lib is not None and bf16_matmul()
     in_place = (lib is not None and not bf16_matmul() and model is not None and (batches is None or batches >= 4)
                 and os.environ.get(ENV_PACK, '1').strip().lower() not in ('0', 'off', 'false', 'no'))
+    block = FrozenWeights()
     frozen['depth'] += 1
     try:
         if cache:
             lib.RfSetWeightCache(1)
         if in_place:
-            packed = _pack_in_place(lib, _in_place_weights(model))
-        yield
+            try:
+                block = FrozenWeights(lib, _pack_in_place(lib, _in_place_weights(model)))
+            finally:
+                if not block.packed and lib.RfInPlaceStat(0):  # interrupted while packing
+                    _unpack_in_place(lib, [])
+        yield block
     finally:
         frozen['depth'] -= 1
         if cache:
             lib.RfSetWeightCache(0)
-        if in_place and lib.RfInPlaceStat(0):
-            _unpack_in_place(lib)
-        del packed  # (the views kept the storage alive while it was packed)
+        block._restore()
 
 
 def weight_cache_stats():

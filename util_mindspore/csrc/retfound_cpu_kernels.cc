@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstdio>
 #include <cstring>
 #include <condition_variable>
 #include <dlfcn.h>
@@ -797,12 +798,14 @@ struct MatmulPrim {
 const MatmulPrim *GetMatmulPrim(int64_t rows, int64_t k, int64_t n, int dtype = dnnl_c::kBf16,
                                 const Md *fixed = nullptr) {
   static std::mutex mu;
-  static std::vector<std::pair<std::array<int64_t, 4>, std::unique_ptr<MatmulPrim>>> prims;  // never freed
+  // never freed; a shape the primitive cannot be made for is kept as nullptr (not retried per call)
+  static std::vector<std::pair<std::array<int64_t, 4>, std::unique_ptr<MatmulPrim>>> prims;
   const std::array<int64_t, 4> key = {rows, k, n, dtype};
   std::lock_guard<std::mutex> lock(mu);
   for (const auto &kv : prims) {
     if (kv.first == key) return kv.second.get();
   }
+  prims.emplace_back(key, nullptr);  // replaced below when the primitive is made
   const DnnlMatmul &api = GetMatmul();
   auto p = std::make_unique<MatmulPrim>();
   p->src = Md::Plain(rows, k, dtype, k, 1);
@@ -825,7 +828,7 @@ const MatmulPrim *GetMatmulPrim(int64_t rows, int64_t k, int64_t n, int dtype = 
         return fixed == nullptr || api.md_equal(packed, fixed->get()) != 0;
       });
   if (!made) return nullptr;
-  prims.emplace_back(key, std::move(p));
+  prims.back().second = std::move(p);
   return prims.back().second.get();
 }
 
@@ -1005,6 +1008,33 @@ int LinearPacked(const uint16_t *xb, const float *w, const float *b, float *y, i
 // here by address and runs the primitive; every other reader of a packed weight (the backward, the
 // bf16 forward) refuses it with an error instead of reading it as plain. The reorders are copies:
 // unpacking restores every bit; the outputs differ from dnnl_sgemm's only in summation order.
+// fn(i) for i in [0, count), at most kReorderLanes at once (each reorder holds a full-size copy of
+// its weight: on a many-core machine one per thread would add up to a copy of the model).
+constexpr int64_t kReorderLanes = 4;
+template <typename F>
+void ForEachInLanes(int64_t count, F fn) {
+  const int64_t lanes = std::min(count, kReorderLanes);
+  ParallelFor(lanes, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t lane = lo; lane < hi; ++lane) {
+      for (int64_t i = lane; i < count; i += lanes) fn(i);
+    }
+  });
+}
+
+// Tests: make LinearInPlace take its fallback path (reorder W to plain, dnnl_sgemm) on every call.
+std::atomic<bool> g_in_place_force_fallback{false};
+
+// The message a refused read of a packed weight prints before its operator fails (MindSpore itself
+// only reports the kernel's return value).
+int RefusePacked(const char *what) {
+  std::fprintf(stderr,
+               "retfound_cpu_kernels: %s refused: this Linear weight is packed in place for evaluation "
+               "(inside util_mindspore.cpu_kernels.frozen_weights(model)); only the model's fp32 forward may "
+               "read it there: leave the block first\n",
+               what);
+  return 5;
+}
+
 class InPlacePacks {
  public:
   static InPlacePacks &Get() {
@@ -1056,27 +1086,25 @@ class InPlacePacks {
     return 0;
   }
 
-  // Restores every packed weight to its plain layout (over the threads); returns how many could
-  // not be restored (they stay registered, so readers still refuse them).
+  // Restores every packed weight to its plain layout (ForEachInLanes); returns how many could not
+  // be restored (they stay registered, so readers still refuse them).
   int64_t UnpackAll() {
     std::lock_guard<std::mutex> lock(mu_);
     std::vector<char> failed(entries_.size(), 0);
-    ParallelFor(static_cast<int64_t>(entries_.size()), 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        const Entry &e = entries_[i];
-        auto plain = Md::Plain(e.k, e.n, dnnl_c::kF32, 1, e.k);
-        const size_t bytes = static_cast<size_t>(e.n * e.k) * sizeof(float);
-        std::unique_ptr<float, void (*)(void *)> copy{static_cast<float *>(std::aligned_alloc(64, (bytes + 63) / 64 * 64)),
-                                                      std::free};
-        if (!plain || copy == nullptr) {
-          failed[i] = 1;
-          continue;
-        }
-        std::memcpy(copy.get(), e.w, bytes);
-        if (Reorder(*e.layout, copy.get(), *plain, e.w) != 0) {
-          std::memcpy(e.w, copy.get(), bytes);  // still packed, still registered
-          failed[i] = 1;
-        }
+    ForEachInLanes(static_cast<int64_t>(entries_.size()), [&](int64_t i) {
+      const Entry &e = entries_[i];
+      auto plain = Md::Plain(e.k, e.n, dnnl_c::kF32, 1, e.k);
+      const size_t bytes = static_cast<size_t>(e.n * e.k) * sizeof(float);
+      std::unique_ptr<float, void (*)(void *)> copy{static_cast<float *>(std::aligned_alloc(64, (bytes + 63) / 64 * 64)),
+                                                    std::free};
+      if (!plain || copy == nullptr) {
+        failed[i] = 1;
+        return;
+      }
+      std::memcpy(copy.get(), e.w, bytes);
+      if (Reorder(*e.layout, copy.get(), *plain, e.w) != 0) {
+        std::memcpy(e.w, copy.get(), bytes);  // still packed, still registered
+        failed[i] = 1;
       }
     });
     std::vector<Entry> kept;
@@ -1130,7 +1158,8 @@ int LinearInPlace(const float *x, const Md &layout, const float *w, const float 
   const DnnlMatmul &api = GetMatmul();
   InPlacePacks::Get().CountCall();
   return ParallelStatus(m, 64, [&](int64_t lo, int64_t hi) {
-    const MatmulPrim *prim = GetMatmulPrim(hi - lo, k, n, dnnl_c::kF32, &layout);
+    const MatmulPrim *prim =
+        g_in_place_force_fallback.load(std::memory_order_relaxed) ? nullptr : GetMatmulPrim(hi - lo, k, n, dnnl_c::kF32, &layout);
     if (prim == nullptr) {
       std::vector<float> plain_w(static_cast<size_t>(n * k));
       auto plain = Md::Plain(k, n, dnnl_c::kF32, 1, k);
@@ -1183,7 +1212,7 @@ int LinearFwd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   const int64_t m = RowsOf(Numel(ndims[0], shapes[0]), k);
   if (kSave && Numel(ndims[4], shapes[4]) != m * k) return 2;
   if (const Md *layout = InPlacePacks::Get().Find(w, n, k)) {  // packed in place (fp32 evaluation)
-    if (kBf16 || InPlacePacks::Get().IsMismatch(layout)) return 5;  // not readable as a plain weight
+    if (kBf16 || InPlacePacks::Get().IsMismatch(layout)) return RefusePacked("the bf16 Linear forward");
     return LinearInPlace(x, *layout, w, b, y, m, n, k);
   }
   GemmInput<kBf16> xg, wg;
@@ -1211,7 +1240,7 @@ int LinearBwd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   if (ndims[1] != 2 || LastDim(ndims[0], shapes[0]) != k || LastDim(ndims[2], shapes[2]) != n) return 2;
   const int64_t m = RowsOf(Numel(ndims[0], shapes[0]), k);
   if (k <= 0 || Numel(ndims[2], shapes[2]) != m * n) return 2;
-  if (InPlacePacks::Get().Find(w, n, k) != nullptr) return 5;  // packed in place: frozen, no gradients
+  if (InPlacePacks::Get().Find(w, n, k) != nullptr) return RefusePacked("the Linear backward");  // frozen
   ColSum(dy, m, n, db);
   GemmInput<kBf16> xg, wg, gg;
   const auto *xi = SavedOr<kBf16, kSaved>(xg, params[0], m * k);
@@ -1763,17 +1792,22 @@ int RfPackedMatmulAvailable() { return GetMatmul().ok ? 1 : 0; }
 int64_t RfWeightCacheStat(int what) { return WeightCache::Get().Stat(what); }
 
 // fp32 Linear weights packed in place (see InPlacePacks; called through ctypes by
-// cpu_kernels.frozen_weights). RfPackInPlace packs count weights ws[i] (ns[i], ks[i]) over the
-// threads and writes each one's status (0 packed, 1 already, 2 shape not packable in place, 3
-// failed) into status; RfUnpackAllInPlace restores them all and returns how many it could not;
-// RfInPlaceStat: 0 -> weights packed now, 1 -> fp32 Linear forwards that used one since loading.
+// cpu_kernels.frozen_weights). RfPackInPlace packs count weights ws[i] (ns[i], ks[i]), at most
+// kReorderLanes at once, and writes each one's status (0 packed, 1 already packed or a repeated
+// address, 2 shape not packable in place, 3 failed) into status; RfUnpackAllInPlace restores them
+// all and returns how many it could not; RfInPlaceStat: 0 -> weights packed now, 1 -> fp32 Linear
+// forwards that used one since loading; RfInPlaceForceFallback (tests) forces LinearInPlace's
+// fallback path.
 int RfPackInPlace(int64_t count, float **ws, const int64_t *ns, const int64_t *ks, int32_t *status) {
   if (!GetMatmul().ok) return 1;
-  ParallelFor(count, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) status[i] = InPlacePacks::Get().Pack(ws[i], ns[i], ks[i]);
-  });
+  std::vector<char> duplicate(static_cast<size_t>(std::max<int64_t>(count, 0)), 0);
+  for (int64_t i = 0; i < count; ++i) {  // the same storage twice would be reordered twice
+    for (int64_t j = 0; j < i && !duplicate[i]; ++j) duplicate[i] = ws[j] == ws[i];
+  }
+  ForEachInLanes(count, [&](int64_t i) { status[i] = duplicate[i] ? 1 : InPlacePacks::Get().Pack(ws[i], ns[i], ks[i]); });
   return 0;
 }
+void RfInPlaceForceFallback(int on) { g_in_place_force_fallback.store(on != 0); }
 int64_t RfUnpackAllInPlace() { return InPlacePacks::Get().UnpackAll(); }
 int64_t RfInPlaceStat(int what) {
   return what == 0 ? InPlacePacks::Get().Count() : what == 1 ? InPlacePacks::Get().Calls() : -1;
