@@ -417,7 +417,7 @@ def test_weights_packed_in_place_are_refused_by_every_other_reader(tmp_path, mon
     as plain weights: checkpoint saving refuses with a clear error and writes nothing, the backward
     and the bf16 forward fail with a message saying why, instead of computing with scrambled
     weights. After the block the same gradients as before come back, and the same bf16 call works."""
-    if not K.linear_available(bf16=True):
+    if not K.linear_available():
         pytest.skip(K.status())
     from engine_finetune_mindspore import NetWithLoss
     from util_mindspore.checkpoint import save_checkpoint_atomic
@@ -429,25 +429,31 @@ def test_weights_packed_in_place_are_refused_by_every_other_reader(tmp_path, mon
         grad_fn = ms.value_and_grad(NetWithLoss(m), None, m.trainable_params())
         g0 = [g.asnumpy() for g in grad_fn(x, y)[1]]
         qkv = m.blocks[0].attn.qkv
-        bf16_linear = K.linear_op(bf16=True, save_bf16=False)
+        qkv_plain = qkv.weight.asnumpy().copy()
+        bf16 = K.linear_available(bf16=True)
+        bf16_linear = K.linear_op(bf16=True, save_bf16=False) if bf16 else None
         rows = ms.Tensor(np.random.RandomState(6).standard_normal((5, 32)).astype(np.float32))
-        bf16_before = bf16_linear(rows, qkv.weight, qkv.bias).asnumpy()
+        bf16_before = bf16_linear(rows, qkv.weight, qkv.bias).asnumpy() if bf16 else None
         path = tmp_path / 'inside.ckpt'
         capfd.readouterr()
         with K.frozen_weights(m) as frozen:
-            assert K.packed_in_place() == frozen.packed > 0
+            if frozen.packed == 0:
+                pytest.skip('no Linear shape of the tiny model packs in place on this CPU')
+            assert K.packed_in_place() == frozen.packed
             with pytest.raises(RuntimeError, match='packed in place'):
                 save_checkpoint_atomic(m, str(path))
             with pytest.raises(RuntimeError, match=refused):
                 grad_fn(x, y)[1][0].asnumpy()
             assert 'the Linear backward refused' in capfd.readouterr().err
-            with pytest.raises(RuntimeError, match=refused):
-                bf16_linear(rows, qkv.weight, qkv.bias).asnumpy()
-            assert 'the bf16 Linear forward refused' in capfd.readouterr().err
+            if bf16 and not np.array_equal(qkv.weight.asnumpy(), qkv_plain):  # (qkv is packed)
+                with pytest.raises(RuntimeError, match=refused):
+                    bf16_linear(rows, qkv.weight, qkv.bias).asnumpy()
+                assert 'the bf16 Linear forward refused' in capfd.readouterr().err
         assert K.packed_in_place() == 0
         assert not path.exists() and not list(tmp_path.iterdir())
         g1 = [g.asnumpy() for g in grad_fn(x, y)[1]]
-        assert np.array_equal(bf16_linear(rows, qkv.weight, qkv.bias).asnumpy(), bf16_before)
+        if bf16:
+            assert np.array_equal(bf16_linear(rows, qkv.weight, qkv.bias).asnumpy(), bf16_before)
         save_checkpoint_atomic(m, str(path))
     for a, b in zip(g0, g1):
         assert np.array_equal(a, b)

@@ -240,10 +240,11 @@ def _in_place_weights(model):
     return out
 
 
-def _pack_in_place(lib, weights):
-    """Reorder ``weights`` in their own storage into oneDNN's packed layout. Returns the numpy views
-    of the packed ones' storage (keep them alive until unpacked)."""
-    views, addresses = [], set()
+def _pack_in_place(lib, weights, views):
+    """Reorder ``weights`` in their own storage into oneDNN's packed layout. ``views`` receives the
+    numpy views of the storage handed to the library (kept by the caller until unpacked, so no
+    registered storage can be freed); returns how many were packed."""
+    addresses = set()
     for w in weights:
         a = w.asnumpy()  # the storage itself on CPU (a view); waits for any step still writing it
         # only where that view is the storage the operators receive (a copy would be packed for
@@ -254,60 +255,60 @@ def _pack_in_place(lib, weights):
             views.append(a)
     count = len(views)
     if not count:
-        return []
+        return 0
     ptrs = (ctypes.c_void_p * count)(*[a.ctypes.data for a in views])
     ns = (ctypes.c_int64 * count)(*[a.shape[0] for a in views])
     ks = (ctypes.c_int64 * count)(*[a.shape[1] for a in views])
     status_ = (ctypes.c_int32 * count)()
     if lib.RfPackInPlace(count, ptrs, ns, ks, status_) != 0:
-        return []
-    return [a for a, st in zip(views, status_) if st == 0]
+        return 0
+    return sum(1 for st in status_ if st == 0)
 
 
 def _unpack_in_place(lib, views):
+    """Restore every weight packed in place; raises when some could not be (their storage, ``views``,
+    is then kept for the life of the process: their addresses stay registered as packed)."""
     left = int(lib.RfUnpackAllInPlace())
     if left:
-        _stranded.extend(views)  # never free storage whose address is still registered as packed
+        _stranded.extend(views)
         raise RuntimeError(f'{left} Linear weight(s) packed for evaluation could not be restored to their plain '
                            'layout (out of memory?); the model in this process is unusable: do not save it, '
                            'reload it from its checkpoint')
+    _stranded.clear()
 
 
 class FrozenWeights:
     """What ``frozen_weights`` yields. ``verify()``, called after the block's first forward, checks
-    that every fp32 weight packed in place was read by the packed Linear path (each Linear layer
-    runs once per forward). If one was not (something else read it, as a plain weight), it restores
-    all of them, so the rest of the block runs on dnnl_sgemm, warns, and returns False: that
-    forward's outputs must be computed again. True otherwise, and when nothing is packed."""
+    that every fp32 weight packed in place was read by the packed Linear path since it was packed.
+    If one was not (the forward reached it another way, e.g. through a MatMul and a Cast, and read
+    it as a plain weight), it restores all of them, so the rest of the block runs on dnnl_sgemm,
+    warns, and returns False: that forward's outputs must be computed again. True otherwise, and
+    when this block packed nothing (also an inner block nested in one that packed: only the
+    outermost block packs and can verify). It cannot see a reader that reads a weight *besides*
+    the packed path: those are excluded by construction (see ``frozen_weights``)."""
 
-    def __init__(self, lib=None, views=()):
-        self._lib, self._views = lib, list(views)
-        self._calls = int(lib.RfInPlaceStat(1)) if lib is not None else 0
-        self._verified = not self._views
+    def __init__(self, lib=None, packed=0, views=()):
+        self._lib, self._packed, self._views = lib, packed, views
+        self._verified = packed == 0
 
     @property
     def packed(self):
         """How many weights this block packed in place (0 once restored)."""
-        return len(self._views)
+        return self._packed
 
     def verify(self):
         if self._verified:
             return True
         self._verified = True
-        used = int(self._lib.RfInPlaceStat(1)) - self._calls
-        if used >= len(self._views):
+        unread = int(self._lib.RfInPlaceStat(2))
+        if unread == 0:
             return True
-        views, self._views = self._views, []
-        _unpack_in_place(self._lib, views)
-        warnings.warn(f'{len(views) - used} of {len(views)} Linear weights packed in place for evaluation were '
-                      'not read by the packed forward; they are restored and this evaluation runs on the '
-                      f'unpacked path (set {ENV_PACK}=0 to skip the packing)', RuntimeWarning, stacklevel=2)
+        packed, self._packed = self._packed, 0
+        _unpack_in_place(self._lib, self._views)
+        warnings.warn(f'{unread} of {packed} Linear weights packed in place for evaluation were not read by the '
+                      'packed forward; they are restored and this evaluation runs on the unpacked path '
+                      f'(set {ENV_PACK}=0 to skip the packing)', RuntimeWarning, stacklevel=2)
         return False
-
-    def _restore(self):
-        views, self._views = self._views, []
-        if self._lib is not None and self._lib.RfInPlaceStat(0):
-            _unpack_in_place(self._lib, views)
 
 
 def packed_in_place():
@@ -346,8 +347,9 @@ def frozen_weights(model=None, batches=None):
     GEMMs than dnnl_sgemm, which packs on every call) and restored bit for bit when the outermost
     block exits, also on an exception. Inside the block those weights must only be read by the
     model's forward: the backward and the bf16 forward refuse them (the operator fails), checkpoint
-    writers refuse to save (see ``packed_in_place``), and the yielded object's ``verify()`` catches
-    any other reader after the first forward. Skipped under ms.amp O2/O3, when ``batches`` (the
+    writers refuse to save (see ``packed_in_place``), models under ms.amp O2/O3 (whose Linear layers
+    take MatMul on float16 inputs) are not packed, and the yielded object's ``verify()`` catches a
+    packed weight the forward did not read through the packed path. Skipped when ``batches`` (the
     number of forwards the block will run) is below 4, where the reorders (~0.1 s per 100M weights
     each way; the forward gains ~4% of its time) would not pay, and with $RETFOUND_PACK_IN_PLACE=0.
     A no-op without the fused kernels or off CPU."""
@@ -359,23 +361,20 @@ def frozen_weights(model=None, batches=None):
     cache = lib is not None and bf16_matmul()
     in_place = (lib is not None and not bf16_matmul() and model is not None and (batches is None or batches >= 4)
                 and os.environ.get(ENV_PACK, '1').strip().lower() not in ('0', 'off', 'false', 'no'))
-    block = FrozenWeights()
+    block, views = FrozenWeights(), []
     frozen['depth'] += 1
     try:
         if cache:
             lib.RfSetWeightCache(1)
         if in_place:
-            try:
-                block = FrozenWeights(lib, _pack_in_place(lib, _in_place_weights(model)))
-            finally:
-                if not block.packed and lib.RfInPlaceStat(0):  # interrupted while packing
-                    _unpack_in_place(lib, [])
+            block = FrozenWeights(lib, _pack_in_place(lib, _in_place_weights(model), views), views)
         yield block
     finally:
         frozen['depth'] -= 1
         if cache:
             lib.RfSetWeightCache(0)
-        block._restore()
+        if in_place and lib.RfInPlaceStat(0):  # (also after an interrupted pack, or a failed verify())
+            _unpack_in_place(lib, views)
 
 
 def weight_cache_stats():

@@ -800,6 +800,7 @@ const MatmulPrim *GetMatmulPrim(int64_t rows, int64_t k, int64_t n, int dtype = 
   static std::mutex mu;
   // never freed; a shape the primitive cannot be made for is kept as nullptr (not retried per call)
   static std::vector<std::pair<std::array<int64_t, 4>, std::unique_ptr<MatmulPrim>>> prims;
+  // (`fixed` is not in the key: fp32 primitives always get InPlacePacks' one layout per (K, N).)
   const std::array<int64_t, 4> key = {rows, k, n, dtype};
   std::lock_guard<std::mutex> lock(mu);
   for (const auto &kv : prims) {
@@ -1081,7 +1082,7 @@ class InPlacePacks {
       return 3;
     }
     std::lock_guard<std::mutex> lock(mu_);
-    entries_.push_back({w, n, k, layout});
+    entries_.push_back({w, n, k, layout, 0});
     count_.store(static_cast<int64_t>(entries_.size()), std::memory_order_release);
     return 0;
   }
@@ -1117,13 +1118,22 @@ class InPlacePacks {
   }
 
   // The layout of w when it is packed in place (nullptr: plain). Lock-free while nothing is packed.
-  const Md *Find(const float *w, int64_t n, int64_t k) {
+  // read: the caller is the fp32 forward, which will read it through the packed path (counted).
+  const Md *Find(const float *w, int64_t n, int64_t k, bool read = false) {
     if (count_.load(std::memory_order_acquire) == 0) return nullptr;
     std::lock_guard<std::mutex> lock(mu_);
-    for (const auto &e : entries_) {
-      if (e.w == w) return e.n == n && e.k == k ? e.layout : &mismatch_;
+    for (auto &e : entries_) {
+      if (e.w != w) continue;
+      if (e.n != n || e.k != k) return &mismatch_;
+      if (read) ++e.reads;
+      return e.layout;
     }
     return nullptr;
+  }
+  // How many weights packed now were never read through the packed path since they were packed.
+  int64_t Unread() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return std::count_if(entries_.begin(), entries_.end(), [](const Entry &e) { return e.reads == 0; });
   }
   // Find()'s answer for a packed weight seen with another shape (its readers refuse it).
   bool IsMismatch(const Md *md) const { return md == &mismatch_; }
@@ -1141,7 +1151,8 @@ class InPlacePacks {
   struct Entry {
     float *w;
     int64_t n, k;
-    const Md *layout;  // owned by layouts_ (never freed)
+    const Md *layout;    // owned by layouts_ (never freed)
+    int64_t reads = 0;   // fp32 forwards that read it through the packed path
   };
   std::mutex mu_, layout_mu_;
   std::vector<Layout> layouts_;
@@ -1157,13 +1168,19 @@ int LinearInPlace(const float *x, const Md &layout, const float *w, const float 
                   int64_t k) {
   const DnnlMatmul &api = GetMatmul();
   InPlacePacks::Get().CountCall();
+  std::once_flag plain_once;  // the fallback's plain copy of W: made once per call, shared by the row blocks
+  std::vector<float> plain_w;
+  bool plain_ok = false;
   return ParallelStatus(m, 64, [&](int64_t lo, int64_t hi) {
     const MatmulPrim *prim =
         g_in_place_force_fallback.load(std::memory_order_relaxed) ? nullptr : GetMatmulPrim(hi - lo, k, n, dnnl_c::kF32, &layout);
     if (prim == nullptr) {
-      std::vector<float> plain_w(static_cast<size_t>(n * k));
-      auto plain = Md::Plain(k, n, dnnl_c::kF32, 1, k);
-      if (!plain || Reorder(layout, w, *plain, plain_w.data()) != 0 || GetDnnl().sgemm == nullptr) return 31;
+      std::call_once(plain_once, [&] {
+        auto plain = Md::Plain(k, n, dnnl_c::kF32, 1, k);
+        plain_w.resize(static_cast<size_t>(n * k));
+        plain_ok = plain && Reorder(layout, w, *plain, plain_w.data()) == 0;
+      });
+      if (!plain_ok || GetDnnl().sgemm == nullptr) return 31;
       for (int64_t i = lo; i < hi; ++i) std::memcpy(y + i * n, b, sizeof(float) * n);
       const int s = GetDnnl().sgemm('N', 'T', hi - lo, n, k, 1.0f, x + lo * k, k, plain_w.data(), k, 1.0f,
                                     y + lo * n, n);
@@ -1211,8 +1228,9 @@ int LinearFwd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   if (ndims[1] != 2 || k <= 0 || LastDim(ndims[0], shapes[0]) != k || Numel(ndims[2], shapes[2]) != n) return 2;
   const int64_t m = RowsOf(Numel(ndims[0], shapes[0]), k);
   if (kSave && Numel(ndims[4], shapes[4]) != m * k) return 2;
-  if (const Md *layout = InPlacePacks::Get().Find(w, n, k)) {  // packed in place (fp32 evaluation)
-    if (kBf16 || InPlacePacks::Get().IsMismatch(layout)) return RefusePacked("the bf16 Linear forward");
+  if (const Md *layout = InPlacePacks::Get().Find(w, n, k, !kBf16)) {  // packed in place (fp32 evaluation)
+    if (kBf16) return RefusePacked("the bf16 Linear forward");
+    if (InPlacePacks::Get().IsMismatch(layout)) return RefusePacked("a Linear forward with another weight shape");
     return LinearInPlace(x, *layout, w, b, y, m, n, k);
   }
   GemmInput<kBf16> xg, wg;
@@ -1796,7 +1814,8 @@ int64_t RfWeightCacheStat(int what) { return WeightCache::Get().Stat(what); }
 // kReorderLanes at once, and writes each one's status (0 packed, 1 already packed or a repeated
 // address, 2 shape not packable in place, 3 failed) into status; RfUnpackAllInPlace restores them
 // all and returns how many it could not; RfInPlaceStat: 0 -> weights packed now, 1 -> fp32 Linear
-// forwards that used one since loading; RfInPlaceForceFallback (tests) forces LinearInPlace's
+// forwards that used one since loading, 2 -> weights packed now that no forward has read through
+// the packed path since they were packed; RfInPlaceForceFallback (tests) forces LinearInPlace's
 // fallback path.
 int RfPackInPlace(int64_t count, float **ws, const int64_t *ns, const int64_t *ks, int32_t *status) {
   if (!GetMatmul().ok) return 1;
@@ -1810,7 +1829,8 @@ int RfPackInPlace(int64_t count, float **ws, const int64_t *ns, const int64_t *k
 void RfInPlaceForceFallback(int on) { g_in_place_force_fallback.store(on != 0); }
 int64_t RfUnpackAllInPlace() { return InPlacePacks::Get().UnpackAll(); }
 int64_t RfInPlaceStat(int what) {
-  return what == 0 ? InPlacePacks::Get().Count() : what == 1 ? InPlacePacks::Get().Calls() : -1;
+  InPlacePacks &packs = InPlacePacks::Get();
+  return what == 0 ? packs.Count() : what == 1 ? packs.Calls() : what == 2 ? packs.Unread() : -1;
 }
 
 // 1 when this build has the AVX-512 code paths (softmax rows), 0 for the portable loops.
