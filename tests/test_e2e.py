@@ -455,6 +455,29 @@ def test_cpu_bf16_trains_and_evaluates(data, tmp_path):
     assert _rows(out / "bf16_eval" / "metrics_test.csv")[0] == CSV_HEADER
 
 
+def test_eval_with_weights_packed_in_place_writes_the_same_metrics(trained, tmp_path, monkeypatch):
+    """--eval over 4 batches (--batch_size 1, 4 test images): the fp32 Linear weights are packed in
+    place for the evaluation (the status line says so); the metrics equal those of the same run with
+    RETFOUND_PACK_IN_PLACE=0 (dnnl_sgemm) to 1e-6."""
+    from util_mindspore import cpu_kernels
+    if not cpu_kernels.linear_available() or not cpu_kernels._lib().RfPackedMatmulAvailable():
+        pytest.skip(cpu_kernels.status())
+    data, task, _ = trained
+    args = COMMON + ["--data_path", str(data / "data"), "--eval", "--output_dir", str(tmp_path),
+                     "--resume", str(task / "checkpoint-best.ckpt")]
+    args[args.index("--batch_size") + 1] = "1"
+    r = _run(args + ["--task", "packed"], cwd=str(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "fp32 weights packed in place (oneDNN matmul)" in r.stdout
+    monkeypatch.setenv(cpu_kernels.ENV_PACK, "0")
+    r2 = _run(args + ["--task", "plain"], cwd=str(tmp_path))
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    assert f"evaluation: dnnl_sgemm ({cpu_kernels.ENV_PACK}=0)" in r2.stdout
+    packed = np.array(_rows(tmp_path / "packed" / "metrics_test.csv")[1], dtype=np.float64)
+    plain = np.array(_rows(tmp_path / "plain" / "metrics_test.csv")[1], dtype=np.float64)
+    assert np.allclose(packed, plain, rtol=0, atol=1e-6), (packed, plain)
+
+
 def test_cpu_bf16_with_amp_level_is_a_clear_error(tmp_path):
     root = _make_tree(tmp_path / "d")
     msg = _main_exit(["--cpu_bf16", "--amp_level", "O2", "--device", "CPU", "--data_path", str(root),

@@ -174,10 +174,18 @@ def status():
         return f'fused CPU kernels: unavailable ({_state["error"]})'
     gemm = {3: 'oneDNN fp32+bf16', 1: 'oneDNN fp32', 2: 'oneDNN bf16', 0: 'MindSpore MatMul'}[_gemm_bits()]
     precision = 'bf16 inputs, fp32 accumulation' if bf16_matmul() else 'fp32'
+    packed = _lib().RfPackedMatmulAvailable()
     if bf16_matmul():
-        packed = _lib().RfPackedMatmulAvailable()
         precision += ('; evaluation: bf16 weights packed once (oneDNN matmul)' if packed else
                       '; evaluation: GEMM path (oneDNN matmul primitive not found)')
+    elif _gemm_bits() & 1:
+        if not packed:
+            precision += '; evaluation: dnnl_sgemm (oneDNN matmul primitive not found)'
+        elif os.environ.get(ENV_PACK, '1').strip().lower() in ('0', 'off', 'false', 'no'):
+            precision += f'; evaluation: dnnl_sgemm ({ENV_PACK}={os.environ.get(ENV_PACK)})'
+        else:
+            precision += ('; evaluation (4+ batches, no --amp_level O2/O3): fp32 weights packed in place '
+                          '(oneDNN matmul)')
     return f'fused CPU kernels: on ({path}); Linear GEMMs: {gemm}, {precision}'
 
 
