@@ -833,6 +833,23 @@ const MatmulPrim *GetMatmulPrim(int64_t rows, int64_t k, int64_t n, int dtype = 
   return prims.back().second.get();
 }
 
+// dst = src x W + bias through `prim` on the calling thread, W given in layout `wmd`: 0, or 20 + oneDNN's status.
+int RunMatmul(const MatmulPrim &prim, const void *src, const Md &wmd, const void *w, const float *b, float *dst) {
+  const DnnlMatmul &api = GetMatmul();
+  dnnl_c::Handle mem[4] = {nullptr, nullptr, nullptr, nullptr};
+  int s = api.memory_create(&mem[0], prim.src->get(), api.engine, const_cast<void *>(src));
+  if (s == 0) s = api.memory_create(&mem[1], wmd.get(), api.engine, const_cast<void *>(w));
+  if (s == 0) s = api.memory_create(&mem[2], prim.bias->get(), api.engine, const_cast<float *>(b));
+  if (s == 0) s = api.memory_create(&mem[3], prim.dst->get(), api.engine, dst);
+  if (s == 0)
+    s = prim.p.Execute({{dnnl_c::kArgSrc, mem[0]}, {dnnl_c::kArgWeights, mem[1]}, {dnnl_c::kArgBias, mem[2]},
+                        {dnnl_c::kArgDst, mem[3]}});
+  for (dnnl_c::Handle h : mem) {
+    if (h != nullptr) api.memory_destroy(h);
+  }
+  return s == 0 ? 0 : 20 + s;
+}
+
 // Copies `from` (layout from_md) into `to` (layout to_md, same logical matrix) on the calling thread.
 int Reorder(const Md &from_md, const void *from, const Md &to_md, void *to) {
   const DnnlMatmul &api = GetMatmul();
@@ -983,18 +1000,7 @@ int LinearPacked(const uint16_t *xb, const float *w, const float *b, float *y, i
     if (prim == nullptr) return 1;
     const std::shared_ptr<const PackedWeight> pw = WeightCache::Get().Find(w, fp, n, k, *prim->wmd);
     if (!pw) return 1;
-    dnnl_c::Handle mem[4] = {nullptr, nullptr, nullptr, nullptr};
-    int s = api.memory_create(&mem[0], prim->src->get(), api.engine, const_cast<uint16_t *>(xb + lo * k));
-    if (s == 0) s = api.memory_create(&mem[1], pw->md->get(), api.engine, pw->data.get());
-    if (s == 0) s = api.memory_create(&mem[2], prim->bias->get(), api.engine, const_cast<float *>(b));
-    if (s == 0) s = api.memory_create(&mem[3], prim->dst->get(), api.engine, y + lo * n);
-    if (s == 0)
-      s = prim->p.Execute({{dnnl_c::kArgSrc, mem[0]}, {dnnl_c::kArgWeights, mem[1]}, {dnnl_c::kArgBias, mem[2]},
-                           {dnnl_c::kArgDst, mem[3]}});
-    for (dnnl_c::Handle h : mem) {
-      if (h != nullptr) api.memory_destroy(h);
-    }
-    return s == 0 ? 0 : 20 + s;
+    return RunMatmul(*prim, xb + lo * k, *pw->md, pw->data.get(), b, y + lo * n);
   });
 }
 
@@ -1166,7 +1172,6 @@ class InPlacePacks {
 // for that call and runs dnnl_sgemm (not seen for ViT shapes).
 int LinearInPlace(const float *x, const Md &layout, const float *w, const float *b, float *y, int64_t m, int64_t n,
                   int64_t k) {
-  const DnnlMatmul &api = GetMatmul();
   InPlacePacks::Get().CountCall();
   std::once_flag plain_once;  // the fallback's plain copy of W: made once per call, shared by the row blocks
   std::vector<float> plain_w;
@@ -1186,18 +1191,7 @@ int LinearInPlace(const float *x, const Md &layout, const float *w, const float 
                                     y + lo * n, n);
       return s == 0 ? 0 : 10 + s;
     }
-    dnnl_c::Handle mem[4] = {nullptr, nullptr, nullptr, nullptr};
-    int s = api.memory_create(&mem[0], prim->src->get(), api.engine, const_cast<float *>(x + lo * k));
-    if (s == 0) s = api.memory_create(&mem[1], layout.get(), api.engine, const_cast<float *>(w));
-    if (s == 0) s = api.memory_create(&mem[2], prim->bias->get(), api.engine, const_cast<float *>(b));
-    if (s == 0) s = api.memory_create(&mem[3], prim->dst->get(), api.engine, y + lo * n);
-    if (s == 0)
-      s = prim->p.Execute({{dnnl_c::kArgSrc, mem[0]}, {dnnl_c::kArgWeights, mem[1]}, {dnnl_c::kArgBias, mem[2]},
-                           {dnnl_c::kArgDst, mem[3]}});
-    for (dnnl_c::Handle h : mem) {
-      if (h != nullptr) api.memory_destroy(h);
-    }
-    return s == 0 ? 0 : 20 + s;
+    return RunMatmul(*prim, x + lo * k, layout, w, b, y + lo * n);
   });
 }
 
