@@ -52,8 +52,12 @@ _lock = threading.Lock()
 _state = {'path': None, 'error': None, 'tried': False, 'gemm': None, 'bf16_matmul': False, 'lib': None}
 
 
+def _env_off(name):
+    return os.environ.get(name, '1').strip().lower() in ('0', 'off', 'false', 'no')
+
+
 def _switched_off():
-    return os.environ.get(ENV_SWITCH, '1').strip().lower() in ('0', 'off', 'false', 'no')
+    return _env_off(ENV_SWITCH)
 
 
 def _compiler():
@@ -181,7 +185,7 @@ def status():
     elif _gemm_bits() & 1:
         if not packed:
             precision += '; evaluation: dnnl_sgemm (oneDNN matmul primitive not found)'
-        elif os.environ.get(ENV_PACK, '1').strip().lower() in ('0', 'off', 'false', 'no'):
+        elif _env_off(ENV_PACK):
             precision += f'; evaluation: dnnl_sgemm ({ENV_PACK}={os.environ.get(ENV_PACK)})'
         else:
             precision += ('; evaluation (4+ batches, no --amp_level O2/O3): fp32 weights packed in place '
@@ -226,11 +230,7 @@ _stranded = []  # storage of weights an unpack failed to restore (kept alive: th
 def _mixed_precision(model):
     """True when ``model`` or any of its cells runs under ``ms.amp`` O2/O3 (float16 Dense inputs:
     the layers then take MatMul, whose Cast would read a packed weight as a plain one)."""
-    for _, cell in model.cells_and_names():
-        kind = cell.get_mixed_precision_type() if hasattr(cell, 'get_mixed_precision_type') else None
-        if kind is not None and getattr(kind, 'name', 'NOTSET') != 'NOTSET':
-            return True
-    return False
+    return any(cell.get_mixed_precision_type().name != 'NOTSET' for _, cell in model.cells_and_names())
 
 
 def _in_place_weights(model):
@@ -238,28 +238,19 @@ def _in_place_weights(model):
     each Dense layer with ``packs_in_place`` (fp32 oneDNN GEMM path); none under ms.amp O2/O3."""
     if _mixed_precision(model):
         return []
-    seen, out = set(), []
-    for _, cell in model.cells_and_names():
-        if getattr(cell, 'packs_in_place', False):
-            w = cell.weight
-            if w.dtype == ms.float32 and len(w.shape) == 2 and id(w) not in seen:
-                seen.add(id(w))
-                out.append(w)
-    return out
+    return [cell.weight for _, cell in model.cells_and_names()
+            if getattr(cell, 'packs_in_place', False) and cell.weight.dtype == ms.float32 and len(cell.weight.shape) == 2]
 
 
 def _pack_in_place(lib, weights, views):
     """Reorder ``weights`` in their own storage into oneDNN's packed layout. ``views`` receives the
     numpy views of the storage handed to the library (kept by the caller until unpacked, so no
     registered storage can be freed); returns how many were packed."""
-    addresses = set()
     for w in weights:
         a = w.asnumpy()  # the storage itself on CPU (a view); waits for any step still writing it
         # only where that view is the storage the operators receive (a copy would be packed for
-        # nothing), and each storage once (two Parameters sharing one would be reordered twice)
-        if (a.dtype == np.float32 and a.flags['C_CONTIGUOUS'] and a.ctypes.data == w.data_ptr()
-                and a.ctypes.data not in addresses):
-            addresses.add(a.ctypes.data)
+        # nothing); a storage listed twice is packed once (the library skips repeated addresses)
+        if a.dtype == np.float32 and a.flags['C_CONTIGUOUS'] and a.ctypes.data == w.data_ptr():
             views.append(a)
     count = len(views)
     if not count:
@@ -368,7 +359,7 @@ def frozen_weights(model=None, batches=None):
             lib = None
     cache = lib is not None and bf16_matmul()
     in_place = (lib is not None and not bf16_matmul() and model is not None and (batches is None or batches >= 4)
-                and os.environ.get(ENV_PACK, '1').strip().lower() not in ('0', 'off', 'false', 'no'))
+                and not _env_off(ENV_PACK))
     block, views = FrozenWeights(), []
     frozen['depth'] += 1
     try:

@@ -1042,6 +1042,18 @@ int RefusePacked(const char *what) {
   return 5;
 }
 
+// Reorders w (bytes long) in its own storage from layout `from` to layout `to`, through a scratch
+// copy; on failure w is left as it was. 0 on success.
+int ReorderInPlace(float *w, size_t bytes, const Md &from, const Md &to) {
+  std::unique_ptr<float, void (*)(void *)> copy{static_cast<float *>(std::aligned_alloc(64, (bytes + 63) / 64 * 64)),
+                                                std::free};
+  if (copy == nullptr) return 1;
+  std::memcpy(copy.get(), w, bytes);
+  if (Reorder(from, copy.get(), to, w) == 0) return 0;
+  std::memcpy(w, copy.get(), bytes);  // as it was
+  return 1;
+}
+
 class InPlacePacks {
  public:
   static InPlacePacks &Get() {
@@ -1078,15 +1090,7 @@ class InPlacePacks {
     const Md *layout = LayoutFor(k, n);
     if (layout == nullptr) return 2;
     auto plain = Md::Plain(k, n, dnnl_c::kF32, 1, k);
-    std::unique_ptr<float, void (*)(void *)> copy{
-        static_cast<float *>(std::aligned_alloc(64, (static_cast<size_t>(n * k) * sizeof(float) + 63) / 64 * 64)),
-        std::free};
-    if (!plain || copy == nullptr) return 3;
-    std::memcpy(copy.get(), w, static_cast<size_t>(n * k) * sizeof(float));
-    if (Reorder(*plain, copy.get(), *layout, w) != 0) {
-      std::memcpy(w, copy.get(), static_cast<size_t>(n * k) * sizeof(float));  // as it was
-      return 3;
-    }
+    if (!plain || ReorderInPlace(w, static_cast<size_t>(n * k) * sizeof(float), *plain, *layout) != 0) return 3;
     std::lock_guard<std::mutex> lock(mu_);
     entries_.push_back({w, n, k, layout, 0});
     count_.store(static_cast<int64_t>(entries_.size()), std::memory_order_release);
@@ -1101,18 +1105,8 @@ class InPlacePacks {
     ForEachInLanes(static_cast<int64_t>(entries_.size()), [&](int64_t i) {
       const Entry &e = entries_[i];
       auto plain = Md::Plain(e.k, e.n, dnnl_c::kF32, 1, e.k);
-      const size_t bytes = static_cast<size_t>(e.n * e.k) * sizeof(float);
-      std::unique_ptr<float, void (*)(void *)> copy{static_cast<float *>(std::aligned_alloc(64, (bytes + 63) / 64 * 64)),
-                                                    std::free};
-      if (!plain || copy == nullptr) {
-        failed[i] = 1;
-        return;
-      }
-      std::memcpy(copy.get(), e.w, bytes);
-      if (Reorder(*e.layout, copy.get(), *plain, e.w) != 0) {
-        std::memcpy(e.w, copy.get(), bytes);  // still packed, still registered
-        failed[i] = 1;
-      }
+      // on failure: still packed, still registered
+      failed[i] = !plain || ReorderInPlace(e.w, static_cast<size_t>(e.n * e.k) * sizeof(float), *e.layout, *plain) != 0;
     });
     std::vector<Entry> kept;
     for (size_t i = 0; i < entries_.size(); ++i) {
